@@ -1,0 +1,121 @@
+"""One frozen config per run. Field defaults are the paper's (DeepCO3, CVPR 2019) or the authors'
+released code's; each comment names its source. Presets are named variants built with `replace`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+
+FREEZE_CHOICES = ("none", "conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3")
+FEATURE_LAYERS = ("pool5", "fc6_new")
+
+
+@dataclass(frozen=True)
+class CosegConfig:
+    """Every knob of one run; written verbatim to manifest.json."""
+
+    # --- stage 1: co-peak search (fine-tuning) ---
+    image_size: int = 448  # paper §3.4: every image resized to 448×448 (aspect ignored)
+    epochs: int = 40  # paper §3.4
+    batch_images: int = 6  # paper §3.4: piecewise training, 6 images → 3 pairs per batch
+    lr: float = 1e-6  # paper §3.4, Adam, constant
+    weight_decay: float = 5e-4  # paper §3.4
+    lambda_copeak: float = 0.5  # λ_t, paper eq. 1
+    lambda_affinity: float = 0.1  # λ_a, paper eq. 1
+    affinity_alpha: float = 4.0  # α, paper eq. 4
+    # The paper's head is fc6 as a 7×7 conv (4096 ch); no fc6 weights exist offline, so the
+    # default is VGG-16 pool5 (512 ch, 14×14 at 448). "fc6_new" is a freshly initialised 7×7 head.
+    feature_layer: str = "pool5"
+    freeze_until: str = "none"  # paper: all layers updated; "conv3_3" freezes conv1_1…conv3_3
+    # --- priors and proposals (SVFSal and MCG are unavailable; see saliency.py, proposals.py) ---
+    prior: str = "fusion"  # saliency prior method name (saliency.METHODS)
+    proposal_method: str = "hierarchical"  # proposal source (proposals.METHODS)
+    max_proposals: int = 1000  # cap per image, highest proposal scores kept
+    min_area_frac: float = 2e-5  # deepco3.md: keep 2e-5 ≤ area/image ≤ 0.85
+    max_area_frac: float = 0.85
+    work_max_side: int = 640  # priors/proposals run with the longer side capped here, mapped back
+    # --- stage 2: instance masks ---
+    rank_beta: float = 0.8  # β, paper eq. 7
+    rank_gamma: float = 1e-5  # γ, paper eq. 7
+    contour_px: int = 5  # paper eq. 7: contour = dilate(P,5×5) XOR erode(P,5×5)
+    nms_iou_thresh: float = 0.4  # authors' code (RunDeepInstCoseg.m)
+    noise_percentile: float = 20.0  # authors' code: drop instances below this folder percentile
+    # --- runtime ---
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:i"
+    num_threads: int = 0  # torch CPU threads; 0 = all physical cores
+    preset: str = "paper"  # name of the preset these values started from (informational)
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "image_size", "epochs", "batch_images", "max_proposals",
+                      "work_max_side", "contour_px")
+        if self.image_size % 32 != 0:
+            raise ConfigError(f"image_size must be a multiple of 32 (VGG-16 stride), got {self.image_size}")
+        if self.batch_images < 2:
+            raise ConfigError(f"batch_images must be >= 2 (pairs are needed), got {self.batch_images}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if not 0.0 < self.nms_iou_thresh <= 1.0:
+            raise ConfigError(f"nms_iou_thresh must be in (0, 1], got {self.nms_iou_thresh}")
+        if not 0.0 <= self.noise_percentile < 100.0:
+            raise ConfigError(f"noise_percentile must be in [0, 100), got {self.noise_percentile}")
+        if not 0.0 <= self.min_area_frac < self.max_area_frac <= 1.0:
+            raise ConfigError("need 0 <= min_area_frac < max_area_frac <= 1, got "
+                              f"{self.min_area_frac}, {self.max_area_frac}")
+        if self.freeze_until not in FREEZE_CHOICES:
+            raise ConfigError(f"freeze_until must be one of {FREEZE_CHOICES}, got {self.freeze_until!r}")
+        if self.feature_layer not in FEATURE_LAYERS:
+            raise ConfigError(f"feature_layer must be one of {FEATURE_LAYERS}, got {self.feature_layer!r}")
+        if self.num_threads < 0:
+            raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CosegConfig:
+        """Rebuild from a manifest's `config`; unknown keys are an error, not silently dropped."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {unknown}")
+        return cls(**data)
+
+
+def _positive_int(cfg: CosegConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+# The paper's settings, and the default tuned for a 2-core CPU (see BENCHMARKS.md).
+PRESETS: dict[str, CosegConfig] = {
+    "paper": CosegConfig(preset="paper"),
+    "fast": CosegConfig(
+        preset="fast",
+        image_size=320,  # wall time scales with pixels; 320² is 2× cheaper than 448²
+        epochs=5,
+        freeze_until="conv3_3",  # halves the backward pass; low-level filters barely move at lr 1e-6
+        lr=1e-5,  # fewer epochs need a larger step to move the zero-initialised saliency head
+    ),
+}
+DEFAULT_PRESET = "fast"
+
+
+def preset_config(name: str = DEFAULT_PRESET, **overrides: Any) -> CosegConfig:
+    """The named preset with `overrides` applied (None values are ignored)."""
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return replace(base, **changes)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,131 @@
+"""Find and load input images: every supported file becomes RGB uint8 with EXIF orientation
+applied; unreadable files are collected and reported together."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+from .records import ImageRecord
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Pillow's decompression-bomb guard, raised to what a 24 GB laptop can still hold as RGB.
+MAX_PIXELS = 250_000_000
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder` (suffix in any case, hidden files skipped), sorted by name.
+
+    Raises:
+        InputError: the folder does not exist or is not a directory.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError(f"folder not found: {folder}")
+    if not folder.is_dir():
+        raise InputError(f"not a folder: {folder}")
+    return sorted(
+        (p for p in folder.iterdir()
+         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES),
+        key=lambda p: p.name,
+    )
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode image bytes to uint8[H,W,3] RGB, EXIF orientation applied.
+
+    Grayscale, palette, CMYK, 16-bit and float images are converted; alpha is composited over
+    white (transparent regions read as background, as a viewer shows them).
+
+    Raises:
+        InputError: empty, truncated, corrupt, non-image or too large.
+    """
+    if not data:
+        raise InputError(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise InputError(f"{name}: {w}x{h} image is larger than {MAX_PIXELS} pixels")
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb8(img)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{name}: not a readable image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(f"{name}: corrupt or truncated image ({exc})") from None
+
+
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        # 16-bit data keeps its full range: 65535 → 255
+        arr = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr * 255.0 if np.nanmax(arr) <= 1.0 else arr
+        arr = np.clip(np.nan_to_num(np.round(arr)), 0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(rgb)
+
+
+def load_image(path: Path, root: Path | None = None) -> ImageRecord:
+    """Read one file into an ImageRecord (name relative to `root`, else the file name)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    name = path.relative_to(root).as_posix() if root is not None else path.name
+    return ImageRecord(path=path, name=name, image=decode_image(data, name),
+                       sha1=hashlib.sha1(data).hexdigest())
+
+
+def load_folder(folder: Path, *, skip_bad: bool = False, min_images: int = 2
+                ) -> tuple[list[ImageRecord], list[str]]:
+    """Load every image of a folder.
+
+    Returns:
+        (records sorted by name, messages for files skipped because `skip_bad` was set).
+
+    Raises:
+        InputError: missing folder; unreadable files (all named at once) unless `skip_bad`;
+            fewer than `min_images` usable images (co-segmentation needs a group).
+    """
+    folder = Path(folder)
+    paths = list_images(folder)
+    if not paths:
+        raise InputError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    records: list[ImageRecord] = []
+    bad: list[str] = []
+    for p in paths:
+        try:
+            records.append(load_image(p, folder))
+        except InputError as exc:
+            bad.append(str(exc))
+    if bad and not skip_bad:
+        raise InputError(f"{len(bad)} unreadable file(s) in {folder} (use --skip-bad to continue "
+                         f"without them): " + "; ".join(bad))
+    if len(records) < min_images:
+        raise InputError(f"{folder}: {len(records)} usable image(s); co-segmentation needs at "
+                         f"least {min_images} images of one category")
+    return records, bad

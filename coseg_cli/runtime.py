@@ -1,0 +1,133 @@
+"""Devices, seeds, cache locations, hashing, atomic writes and the environment record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+def coseg_home() -> Path:
+    """coseg's cache root: $COSEG_HOME, else $XDG_CACHE_HOME/coseg, else ~/.cache/coseg."""
+    env = os.environ.get("COSEG_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "coseg"
+
+
+def resolve_device(name: str):  # -> torch.device
+    """Map "auto" | "cpu" | "cuda" | "cuda:i" to an available torch.device, or raise ConfigError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} does not exist ({torch.cuda.device_count()} GPUs)")
+        return dev
+    raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def set_threads(num_threads: int) -> int:
+    """Use all physical cores by default (torch's default can oversubscribe hyper-threads)."""
+    import torch
+
+    n = num_threads or max(1, (os.cpu_count() or 1))
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; deterministic algorithms make CPU runs bit-repeatable."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def sha1_bytes(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_key(*parts: Any) -> str:
+    """Short stable hash of JSON-able parts (image hashes + the config fields that matter)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename over it only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix,
+                               dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def environment_record(device: Any = None) -> dict[str, Any]:
+    """Versions and machine facts for manifest.json."""
+    import cv2
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    return {
+        "coseg": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "platform": platform.platform(),
+        "device": str(device) if device is not None else None,
+        "cuda_device": torch.cuda.get_device_name(device) if device is not None
+        and getattr(device, "type", "") == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,32 @@
+"""Shared fixtures: the real data folder (skips cleanly when absent) and small image makers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "coco-dev"
+
+
+@pytest.fixture(scope="session")
+def coco_dev() -> Path:
+    """Root of ../shared/data/coco-dev; tests that need it skip where it is absent."""
+    if not (SHARED_DATA / "apple" / "annotations.json").is_file():
+        pytest.skip("real data ../shared/data/coco-dev not present")
+    return SHARED_DATA
+
+
+def blob_image(size: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8[size,size,3]: plain grey background with two distinct coloured discs."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), 120, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for cy, cx, colour in ((size * 0.3, size * 0.3, (220, 40, 40)),
+                           (size * 0.7, size * 0.68, (30, 40, 210))):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= (size * 0.14) ** 2
+        img[disc] = colour
+    noise = rng.integers(-3, 4, img.shape)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
