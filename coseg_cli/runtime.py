@@ -131,3 +131,34 @@ def environment_record(device: Any = None) -> dict[str, Any]:
         and getattr(device, "type", "") == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+class StageCache:
+    """Per-stage result cache under `<root>/<stage>/<key>.npz` (root None disables it)."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = Path(root) if root is not None else None
+        self.hits: dict[str, int] = {}
+
+    def path(self, stage: str, key: str, suffix: str = ".npz") -> Path | None:
+        return None if self.root is None else self.root / stage / f"{key}{suffix}"
+
+    def load(self, stage: str, key: str) -> dict[str, np.ndarray] | None:
+        path = self.path(stage, key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError):  # a damaged entry is recomputed, not trusted
+            return None
+        self.hits[stage] = self.hits.get(stage, 0) + 1
+        return arrays
+
+    def save(self, stage: str, key: str, **arrays: np.ndarray) -> None:
+        path = self.path(stage, key)
+        if path is None:
+            return
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **arrays)

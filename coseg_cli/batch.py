@@ -1,0 +1,78 @@
+"""Many folders, one call: discover groups, run each (load → cosegment → export) and report a
+status per folder, so one bad folder never stops the others."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import export, images, pipeline
+from .config import CosegConfig
+from .errors import CosegError, InputError
+
+
+@dataclass(frozen=True)
+class FolderOutcome:
+    """What happened to one input folder (one JSON line of `coseg run --json`)."""
+
+    folder: str
+    out: str
+    images: int
+    instances: int
+    seconds: float
+    status: str  # "ok" | "error"
+    error: str | None = None
+    skipped: tuple[str, ...] = ()
+
+
+def discover_folders(root: Path) -> list[Path]:
+    """Every folder under `root` (itself included) that directly holds at least one image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"folder not found: {root}")
+    found = [root] + sorted(p for p in root.rglob("*") if p.is_dir()
+                            and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return [p for p in found if images.list_images(p)]
+
+
+def output_folders(folders: list[Path], out: Path) -> list[Path]:
+    """One folder → OUT itself; several → OUT/<folder name> (clashing names get a suffix)."""
+    if len(folders) == 1:
+        return [Path(out)]
+    names: list[str] = []
+    for f in folders:
+        name = f.resolve().name or "root"
+        candidate, k = name, 2
+        while candidate in names:
+            candidate, k = f"{name}-{k}", k + 1
+        names.append(candidate)
+    return [Path(out) / n for n in names]
+
+
+def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | None = None,
+               skip_bad: bool = False, use_cache: bool = True, force: bool = False,
+               weights_path: Path | None = None, progress: pipeline.Progress | None = None
+               ) -> FolderOutcome:
+    """Co-segment one folder into `out`. CosegErrors become an "error" outcome; anything else
+    is a bug and propagates."""
+    t0 = time.time()
+    folder, out = Path(folder), Path(out)
+    try:
+        export.check_writable(out)
+        records, skipped = images.load_folder(folder, skip_bad=skip_bad)
+        cache_dir = out / "cache" if use_cache else None
+        if force and cache_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        name = category or folder.resolve().name or "object"
+        result = pipeline.cosegment(records, cfg, cache_dir=cache_dir, weights_path=weights_path,
+                                    category=name, progress=progress)
+        result.timings.update({f"write_{k}": v for k, v in export.write_all(result, out).items()})
+        export.write_manifest(out, pipeline.build_manifest(
+            result, folder, t0, {"skipped_files": skipped, "seconds": time.time() - t0}))
+    except CosegError as exc:
+        return FolderOutcome(str(folder), str(out), 0, 0, round(time.time() - t0, 3), "error",
+                             str(exc))
+    return FolderOutcome(str(folder), str(out), len(records), len(result.instances),
+                         round(time.time() - t0, 3), "ok", None, tuple(skipped))

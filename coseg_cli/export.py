@@ -1,0 +1,186 @@
+"""Write a RunResult to disk: COCO JSON, per-instance PNGs, label maps, overlays, co-saliency heat
+maps and the manifest. Every file is written atomically (temp file + rename), and a folder of
+per-instance masks is swapped in whole, so an interrupted run never leaves half an output."""
+
+from __future__ import annotations
+
+import colorsys
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from . import coco
+from .errors import InputError
+from .records import ImageRecord, Instance, RunResult
+from .runtime import atomic_path, atomic_write_json
+
+OUTPUT_DIRS = ("masks", "labels", "overlays", "cosaliency")
+
+
+def output_stems(images: list[ImageRecord]) -> list[str]:
+    """File stems for outputs: the image stem, or its sanitised relative name on a clash."""
+    stems = [r.stem for r in images]
+    clash = {s for s in stems if stems.count(s) > 1}
+    return [r.name.replace("/", "__").replace(".", "_") if r.stem in clash else r.stem
+            for r in images]
+
+
+def instances_coco(result: RunResult) -> dict[str, Any]:
+    """COCO dataset dict of the predictions; loads unchanged in pycocotools COCO()/loadRes()."""
+    images = [{"id": i + 1, "file_name": r.name, "height": r.height, "width": r.width}
+              for i, r in enumerate(result.images)]
+    annotations = []
+    for ann_id, inst in enumerate(sorted(result.instances,
+                                         key=lambda t: (t.image_index, t.rank)), start=1):
+        rle = coco.encode_masks(inst.mask[None])[0]
+        annotations.append({
+            "id": ann_id,
+            "image_id": inst.image_index + 1,
+            "category_id": 1,
+            "segmentation": rle,
+            "bbox": coco.bbox_xywh(inst.mask),
+            "area": int(inst.mask.sum()),
+            "iscrowd": 0,
+            "score": float(inst.score),
+            "peak": [int(inst.peak_xy[0]), int(inst.peak_xy[1])],
+            "rank": int(inst.rank),
+        })
+    return {
+        "info": {"description": "coseg instance co-segmentation", "coseg_config": result.config},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": result.category, "supercategory": result.category}],
+    }
+
+
+def instance_colours(n: int) -> np.ndarray:
+    """uint8[n,3] well-separated RGB colours (golden-ratio hue walk), stable across runs."""
+    return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb((0.07 + i * 0.618034) % 1.0,
+                                                                 0.85, 0.95)]
+                     for i in range(n)], dtype=np.uint8).reshape(n, 3)
+
+
+def render_overlay(image: np.ndarray, instances: list[Instance]) -> np.ndarray:
+    """uint8[H,W,3]: the photo with a translucent fill, a contour and a score label per instance."""
+    canvas = image.astype(np.float32)
+    colours = instance_colours(len(instances))
+    ordered = sorted(instances, key=lambda t: t.rank)
+    for inst, colour in zip(ordered, colours):
+        canvas[inst.mask] = 0.55 * canvas[inst.mask] + 0.45 * colour
+    canvas = canvas.astype(np.uint8)
+    thickness = max(1, round(max(image.shape[:2]) / 400))
+    scale = max(0.35, max(image.shape[:2]) / 1400)
+    for inst, colour in zip(ordered, colours):
+        contours, _ = cv2.findContours(inst.mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(canvas, contours, -1, tuple(int(c) for c in colour), thickness)
+    for inst, colour in zip(ordered, colours):
+        x, y = inst.peak_xy
+        label = f"{inst.rank}: {inst.score:.3g}"
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        x = int(np.clip(x - tw // 2, 0, max(0, image.shape[1] - tw)))
+        y = int(np.clip(y, th + base, image.shape[0] - 1))
+        cv2.rectangle(canvas, (x, y - th - base), (x + tw, y), (0, 0, 0), -1)
+        cv2.putText(canvas, label, (x, y - base), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    tuple(int(c) for c in colour), 1, cv2.LINE_AA)
+    return canvas
+
+
+def label_map(shape: tuple[int, int], instances: list[Instance]) -> np.ndarray:
+    """Instance-id map: 0 background, 1..N by rank (the better instance wins overlaps);
+    uint8, or uint16 when N > 255."""
+    dtype = np.uint8 if len(instances) <= 255 else np.uint16
+    labels = np.zeros(shape, dtype)
+    for inst in sorted(instances, key=lambda t: t.rank, reverse=True):
+        labels[inst.mask] = inst.rank
+    return labels
+
+
+def heat_map(cosal: np.ndarray) -> np.ndarray:
+    """uint8[H,W,3] RGB heat map (JET) of a [0,1] map."""
+    u8 = np.clip(np.round(cosal * 255), 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def save_image(path: Path, array: np.ndarray, **params: Any) -> None:
+    """Atomically write a PNG/JPEG with Pillow (16-bit grayscale kept as 16-bit)."""
+    img = Image.fromarray(array, mode="I;16") if array.dtype == np.uint16 else \
+        Image.fromarray(array)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG",
+                 **params)
+
+
+def write_instance_masks(folder: Path, instances: list[Instance]) -> None:
+    """Replace `folder` with one binary PNG per instance named by rank, swapped in whole."""
+    tmp = folder.with_name(f".{folder.name}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for inst in instances:
+        Image.fromarray(inst.mask.astype(np.uint8) * 255).save(tmp / f"{inst.rank}.png")
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(out: Path) -> None:
+    """Fail early, before any work, when OUT cannot hold our outputs."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path exists and is not a folder: {out}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".coseg-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+
+
+def write_all(result: RunResult, out: Path, *, overlays: bool = True) -> dict[str, float]:
+    """Write every output of one folder into `out` except the manifest, which the caller writes
+    last (`write_manifest`): its presence marks a complete folder, so an old one is removed first.
+    Returns seconds spent per output kind."""
+    out = Path(out)
+    check_writable(out)
+    (out / "manifest.json").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    stems = output_stems(result.images)
+    per_image: list[list[Instance]] = [[] for _ in result.images]
+    for inst in result.instances:
+        per_image[inst.image_index].append(inst)
+    stale_stems = _existing_stems(out) - set(stems)
+    for stem in stale_stems:  # images no longer in the folder: remove their old outputs
+        shutil.rmtree(out / "masks" / stem, ignore_errors=True)
+        for sub, ext in (("labels", ".png"), ("overlays", ".jpg"), ("cosaliency", ".png")):
+            (out / sub / f"{stem}{ext}").unlink(missing_ok=True)
+    for rec, stem, insts, cosal in zip(result.images, stems, per_image, result.cosaliency):
+        insts = sorted(insts, key=lambda t: t.rank)
+        write_instance_masks(out / "masks" / stem, insts)
+        save_image(out / "labels" / f"{stem}.png", label_map(rec.image.shape[:2], insts))
+        save_image(out / "cosaliency" / f"{stem}.png", heat_map(cosal))
+        if overlays:
+            save_image(out / "overlays" / f"{stem}.jpg", render_overlay(rec.image, insts),
+                       quality=90)
+    t_files = time.perf_counter() - t0
+    atomic_write_json(out / "instances.json", instances_coco(result))
+    return {"files": t_files, "json": time.perf_counter() - t0 - t_files}
+
+
+def _existing_stems(out: Path) -> set[str]:
+    masks = out / "masks"
+    if not masks.is_dir():
+        return set()
+    return {p.name for p in masks.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """The manifest is written last: its presence marks a complete output folder."""
+    atomic_write_json(Path(out) / "manifest.json", manifest)

@@ -1,0 +1,254 @@
+"""Orchestration only: priors → fine-tuning → co-saliency peaks → peak back-propagation →
+proposal ranking → NMS → folder-wide noise filter. Each stage's result is cached by content hash
+plus the config fields that change it, so a re-run resumes where the last one stopped."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import model as model_mod
+from . import peaks as peaks_mod
+from . import proposals as proposals_mod
+from . import ranking, saliency, train, weights
+from .config import CosegConfig
+from .errors import ConfigError
+from .records import ImageRecord, Instance, RunResult
+from .runtime import StageCache, config_key, environment_record, resolve_device, \
+    seed_everything, set_threads
+
+Progress = Callable[[str, int, int], None]
+
+# Bump when a stage's algorithm changes, so old cache entries are not reused.
+CACHE_VERSION = {"prior": 1, "proposals": 1, "instances": 1}
+
+
+def work_image(image: np.ndarray, max_side: int) -> np.ndarray:
+    """uint8[h,w,3]: `image` shrunk (area interpolation) so its longer side is ≤ max_side."""
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def resize_map(values: np.ndarray, shape: tuple[int, int], interp: int = cv2.INTER_CUBIC
+               ) -> np.ndarray:
+    """float32[...,H,W] maps resized to `shape` (h, w); stacks are resized map by map."""
+    h, w = shape
+    if values.shape[-2:] == (h, w):
+        return values.astype(np.float32, copy=False)
+    if values.ndim == 2:
+        return cv2.resize(values.astype(np.float32), (w, h), interpolation=interp)
+    return np.stack([resize_map(v, shape, interp) for v in values]) if len(values) else \
+        np.zeros((0, h, w), np.float32)
+
+
+def upscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """bool[h,w] → bool[H,W] with smooth edges (bilinear, then ≥ 0.5)."""
+    if mask.shape == shape:
+        return mask
+    return resize_map(mask.astype(np.float32), shape, cv2.INTER_LINEAR) >= 0.5
+
+
+def _notify(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def compute_priors(works: list[np.ndarray], sha1s: list[str], cfg: CosegConfig,
+                   cache: StageCache, progress: Progress | None = None) -> list[np.ndarray]:
+    """Saliency prior per image, float32[h,w] in [0,1] at working resolution."""
+    priors = []
+    for i, (img, sha) in enumerate(zip(works, sha1s)):
+        key = config_key(sha, cfg.prior, cfg.work_max_side, CACHE_VERSION["prior"])
+        hit = cache.load("prior", key)
+        if hit is None:
+            prior = saliency.compute_saliency(img, cfg.prior, work_max_side=cfg.work_max_side)
+            cache.save("prior", key, prior=prior.astype(np.float16))
+        else:
+            prior = hit["prior"].astype(np.float32)
+        priors.append(prior.astype(np.float32))
+        _notify(progress, "prior", i + 1, len(works))
+    return priors
+
+
+def compute_proposals(img: np.ndarray, prior: np.ndarray, sha: str, cfg: CosegConfig,
+                      cache: StageCache) -> np.ndarray:
+    """bool[N,h,w] candidate masks at working resolution (cached bit-packed)."""
+    key = config_key(sha, cfg.proposal_method, cfg.max_proposals, cfg.min_area_frac,
+                     cfg.max_area_frac, cfg.work_max_side, cfg.prior, cfg.seed,
+                     CACHE_VERSION["proposals"])
+    hit = cache.load("proposals", key)
+    h, w = img.shape[:2]
+    if hit is not None:
+        n = int(hit["count"])
+        return np.unpackbits(hit["packed"], axis=-1, count=h * w).astype(bool).reshape(n, h, w)
+    props = proposals_mod.generate_proposals(
+        img, method=cfg.proposal_method, max_proposals=cfg.max_proposals,
+        min_area_frac=cfg.min_area_frac, max_area_frac=cfg.max_area_frac,
+        work_max_side=cfg.work_max_side, prior=prior, seed=cfg.seed)
+    masks = props.masks
+    cache.save("proposals", key, count=np.array(len(masks)),
+               packed=np.packbits(masks.reshape(len(masks), -1), axis=-1))
+    return masks
+
+
+def image_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
+                     cfg: CosegConfig, device: torch.device, chunk: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stage 2 for one image at working resolution.
+
+    Returns:
+        cosal float32[h,w] in [0,1]; peaks_xy int64[K,2] (x, y) in working px;
+        chosen int64[M] proposal index per kept candidate; scores float32[M] (after NMS),
+        and the kept candidates' peak indices are returned as the 4th item int64[M].
+    """
+    h, w = img.shape[:2]
+    x = model_mod.preprocess([img], cfg.image_size).to(device)
+    with torch.no_grad():
+        _, logits = net(x)
+    cosal = torch.sigmoid(F.interpolate(logits, size=(h, w), mode="bilinear",
+                                        align_corners=False))[0, 0].cpu().numpy()
+    peak_rc = peaks_mod.find_peaks(logits[0, 0].cpu())
+    lh, lw = logits.shape[-2:]
+    peaks_xy = np.stack([(peak_rc[:, 1] + 0.5) * w / lw, (peak_rc[:, 0] + 0.5) * h / lh],
+                        axis=1).astype(np.int64) if len(peak_rc) else np.zeros((0, 2), np.int64)
+    if len(peak_rc) == 0 or len(masks) == 0:
+        empty = np.zeros(0, np.int64)
+        return cosal.astype(np.float32), peaks_xy, empty, np.zeros(0, np.float32), empty
+    inst_maps = peaks_mod.peak_backprop(net, x, peak_rc, chunk=chunk).cpu().numpy()
+    inst_maps = np.maximum(resize_map(inst_maps, (h, w)), 0.0)
+    scores = ranking.score_proposals_batch(inst_maps, cosal, masks, beta=cfg.rank_beta,
+                                           gamma=cfg.rank_gamma, contour_px=cfg.contour_px)
+    picks = ranking.select_instances(scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
+    peak_idx = np.array([p[0] for p in picks], np.int64)
+    prop_idx = np.array([p[1] for p in picks], np.int64)
+    sc = np.array([p[2] for p in picks], np.float32)
+    return cosal.astype(np.float32), peaks_xy, prop_idx, sc, peak_idx
+
+
+def cosegment(records: list[ImageRecord], cfg: CosegConfig, *, cache_dir: Path | None = None,
+              weights_path: Path | None = None, category: str = "object",
+              progress: Progress | None = None, backprop_chunk: int = 8) -> RunResult:
+    """Co-segment a group of images of one category.
+
+    Args:
+        records: ≥ 2 loaded images (images.load_folder). cfg: the run's frozen config.
+        cache_dir: stage cache root (None: no caching). weights_path: explicit VGG-16 weights.
+
+    Returns:
+        RunResult with instances (masks at each image's resolution), co-saliency maps, timings.
+    """
+    if len(records) < 2:
+        raise ConfigError("co-segmentation needs at least 2 images")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    set_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    cache = StageCache(cache_dir)
+    works = [work_image(r.image, cfg.work_max_side) for r in records]
+    sha1s = [r.sha1 for r in records]
+
+    t = time.perf_counter()
+    priors = compute_priors(works, sha1s, cfg, cache, progress)
+    timings["prior"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    state, winfo = weights.resolve_vgg16(weights_path)
+    net = model_mod.build_model(cfg, state).to(device)
+    report = train.load_or_finetune(net, works, priors, sha1s, cfg, device=device,
+                                    cache_dir=None if cache_dir is None else Path(cache_dir) / "model",
+                                    progress=None if progress is None else
+                                    (lambda stage, done, total, *_: progress(stage, done, total)))
+    net.eval()
+    timings["train"] = time.perf_counter() - t
+
+    model_key = train.train_cache_key(sha1s, cfg, winfo.sha256)
+    t_prop = t_inst = 0.0
+    per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    all_masks: list[np.ndarray] = []
+    for i, (img, prior, sha) in enumerate(zip(works, priors, sha1s)):
+        t = time.perf_counter()
+        masks = compute_proposals(img, prior, sha, cfg, cache)
+        t_prop += time.perf_counter() - t
+        t = time.perf_counter()
+        key = config_key(model_key, sha, cfg.rank_beta, cfg.rank_gamma, cfg.contour_px,
+                         cfg.nms_iou_thresh, len(masks), CACHE_VERSION["instances"],
+                         cfg.proposal_method, cfg.max_proposals)
+        hit = cache.load("instances", key)
+        if hit is None:
+            cosal, peaks_xy, prop_idx, sc, peak_idx = image_candidates(
+                net, img, masks, cfg, device, backprop_chunk)
+            cache.save("instances", key, cosal=cosal.astype(np.float16), peaks_xy=peaks_xy,
+                       prop_idx=prop_idx, scores=sc, peak_idx=peak_idx)
+        else:
+            cosal, peaks_xy = hit["cosal"].astype(np.float32), hit["peaks_xy"]
+            prop_idx, sc, peak_idx = hit["prop_idx"], hit["scores"], hit["peak_idx"]
+        per_image.append((cosal, peaks_xy, prop_idx, sc, peak_idx))
+        all_masks.append(masks[prop_idx])
+        t_inst += time.perf_counter() - t
+        _notify(progress, "instances", i + 1, len(works))
+    timings["proposals"] = t_prop
+    timings["instances"] = t_inst
+
+    t = time.perf_counter()
+    keep = ranking.noise_filter([p[3] for p in per_image], percentile=cfg.noise_percentile)
+    instances: list[Instance] = []
+    cosal_full: list[np.ndarray] = []
+    for i, (rec, (cosal, peaks_xy, prop_idx, sc, peak_idx), masks, kept) in enumerate(
+            zip(records, per_image, all_masks, keep)):
+        shape = rec.image.shape[:2]
+        sy, sx = shape[0] / cosal.shape[0], shape[1] / cosal.shape[1]
+        order = [j for j in np.argsort(-sc, kind="stable") if kept[j]]
+        for rank, j in enumerate(order, start=1):
+            px, py = peaks_xy[peak_idx[j]]
+            instances.append(Instance(
+                image_index=i, mask=upscale_mask(masks[j], shape), score=float(sc[j]),
+                peak_xy=(min(int(px * sx), shape[1] - 1), min(int(py * sy), shape[0] - 1)),
+                rank=rank))
+        cosal_full.append(np.clip(resize_map(cosal, shape, cv2.INTER_LINEAR), 0.0, 1.0))
+    timings["select"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+
+    return RunResult(
+        images=records, instances=instances, cosaliency=cosal_full, config=asdict(cfg),
+        environment=environment_record(device), timings=timings, category=category,
+        info={"weights": asdict(winfo), "prior": cfg.prior,
+              "prior_trained": saliency.get_method(cfg.prior).trained,
+              "cache_hits": dict(cache.hits), "train": report.summary()},
+        peaks=[p[1] for p in per_image])
+
+
+def build_manifest(result: RunResult, folder: Path, started_at: float,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to audit or replay a run (`coseg run --config manifest.json`)."""
+    per_image = [0] * len(result.images)
+    for inst in result.instances:
+        per_image[inst.image_index] += 1
+    return {
+        "config": result.config,
+        "category": result.category,
+        "input_folder": str(folder),
+        "inputs": [{"name": r.name, "sha1": r.sha1, "bytes": r.path.stat().st_size
+                    if r.path.exists() else None, "height": r.height, "width": r.width}
+                   for r in result.images],
+        "environment": result.environment,
+        "seed": result.config["seed"],
+        **result.info,
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "counts": {"images": len(result.images), "instances": len(result.instances),
+                   "instances_per_image": per_image},
+        "started_at": datetime.fromtimestamp(started_at, timezone.utc).isoformat(),
+        **(extra or {}),
+    }
