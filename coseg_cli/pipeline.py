@@ -74,7 +74,7 @@ def compute_priors(works: list[np.ndarray], sha1s: list[str], cfg: CosegConfig,
         hit = cache.load("prior", key)
         if hit is None:
             prior = saliency.compute_saliency(img, cfg.prior, work_max_side=cfg.work_max_side)
-            cache.save("prior", key, prior=prior.astype(np.float16))
+            cache.save("prior", key, prior=prior.astype(np.float32))
         else:
             prior = hit["prior"].astype(np.float32)
         priors.append(prior.astype(np.float32))
@@ -165,7 +165,7 @@ def cosegment(records: list[ImageRecord], cfg: CosegConfig, *, cache_dir: Path |
     timings["prior"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    state, winfo = weights.resolve_vgg16(weights_path)
+    state, winfo = weights.load_vgg16_features(weights_path)
     net = model_mod.build_model(cfg, state).to(device)
     report = train.load_or_finetune(net, works, priors, sha1s, cfg, device=device,
                                     cache_dir=None if cache_dir is None else Path(cache_dir) / "model",
@@ -174,7 +174,7 @@ def cosegment(records: list[ImageRecord], cfg: CosegConfig, *, cache_dir: Path |
     net.eval()
     timings["train"] = time.perf_counter() - t
 
-    model_key = train.train_cache_key(sha1s, cfg, winfo.sha256)
+    model_key = train.state_digest(net)  # the fine-tuned weights themselves key stage 2
     t_prop = t_inst = 0.0
     per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     all_masks: list[np.ndarray] = []
@@ -190,7 +190,7 @@ def cosegment(records: list[ImageRecord], cfg: CosegConfig, *, cache_dir: Path |
         if hit is None:
             cosal, peaks_xy, prop_idx, sc, peak_idx = image_candidates(
                 net, img, masks, cfg, device, backprop_chunk)
-            cache.save("instances", key, cosal=cosal.astype(np.float16), peaks_xy=peaks_xy,
+            cache.save("instances", key, cosal=cosal, peaks_xy=peaks_xy,
                        prop_idx=prop_idx, scores=sc, peak_idx=peak_idx)
         else:
             cosal, peaks_xy = hit["cosal"].astype(np.float32), hit["peaks_xy"]
@@ -226,7 +226,7 @@ def cosegment(records: list[ImageRecord], cfg: CosegConfig, *, cache_dir: Path |
         environment=environment_record(device), timings=timings, category=category,
         info={"weights": asdict(winfo), "prior": cfg.prior,
               "prior_trained": saliency.get_method(cfg.prior).trained,
-              "cache_hits": dict(cache.hits), "train": report.summary()},
+              "cache_hits": dict(cache.hits), "train": asdict(report)},
         peaks=[p[1] for p in per_image])
 
 

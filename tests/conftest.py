@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "coco-dev"
+
+# Tests never download: weights come from the cache that `coseg weights` prepared.
+os.environ["COSEG_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,725 @@
+"""Mask proposals: an offline, unsupervised replacement for MCG.
+
+DeepCO3 ranks candidate masks (MCG in the paper, MATLAB only) with its co-saliency maps, so the
+instances it can return are bounded by the candidates' recall. The default source here,
+``hierarchical``, is selective search (Uijlings et al., IJCV 2013) made to emit *masks*:
+
+1. Felzenszwalb graph segmentations (OpenCV ximgproc) of the image in several colour spaces and
+   scales, at a working resolution whose longer side is at most ``work_max_side``.
+2. For each (segmentation, similarity) strategy, greedy merging of the most similar adjacent pair
+   of regions by colour-histogram, texture-histogram, size and fill similarity; every region of
+   the hierarchy (base regions and every merge) is a candidate.
+3. Groupings of adjacent regions: pairs and triples of touching regions of hierarchy cuts with few
+   regions (MCG's combinatorial grouping, which recovers objects the greedy order never formed).
+4. With a saliency prior: the prior thresholded at several levels, whole and per connected
+   component, snapped to the atoms below.
+
+Every candidate is a union of *atoms*, the cells of the overlay of all base segmentations, so
+areas, duplicates and overlaps are computed on small membership matrices instead of pixel masks.
+Only the kept proposals are painted at the image's resolution (nearest-neighbour).
+
+Score (higher first). Selective search has no objectness score; it orders candidates by their
+hierarchy level times a random factor. We use the *stability* of a region in its hierarchy instead:
+the similarity at which it was formed minus the similarity at which it is absorbed into a larger
+region (the region persists over a wide range of merging thresholds when its inside is coherent
+and its boundary strong — the same idea as the ultrametric-contour strength behind MCG). Base
+regions use 1 as their formation similarity. A seeded jitter breaks ties reproducibly. With a prior,
+the score is multiplied by ``0.5 + (mean prior inside − mean prior in a ring around)`` clipped to
+[0.1, 1.5], so salient, contrasted candidates come first.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+from scipy import sparse
+
+from . import coco
+from .errors import ConfigError
+from .records import ProposalSet
+
+# Selective-search strategies: (colour space, Felzenszwalb k, similarity weights colour, texture,
+# size, fill). Colour spaces and k follow the paper's "fast" mode, widened with RGB and k = 200.
+_Strategy = tuple[str, int, tuple[float, float, float, float]]
+HIERARCHICAL_STRATEGIES: tuple[_Strategy, ...] = (
+    ("hsv", 50, (1.0, 1.0, 1.0, 1.0)),
+    ("hsv", 50, (0.0, 1.0, 1.0, 1.0)),
+    ("lab", 50, (1.0, 1.0, 1.0, 1.0)),
+    ("lab", 50, (0.0, 1.0, 1.0, 1.0)),
+    ("hsv", 100, (1.0, 1.0, 1.0, 1.0)),
+    ("lab", 100, (1.0, 1.0, 1.0, 1.0)),
+    ("rgb", 100, (1.0, 1.0, 1.0, 1.0)),
+    ("rgb", 200, (1.0, 1.0, 1.0, 1.0)),
+)
+_GRAPH_SIGMA = 0.8  # Felzenszwalb's smoothing, as in selective search
+_COLOUR_BINS = 25  # selective search: 25 bins per colour channel
+_ORIENT_BINS = 8  # selective search: 8 derivative orientations ...
+_MAG_BINS = 4  # ... here × 4 log-magnitude bins per channel (SS uses 10 value bins)
+_GROUP_CUTS = (8, 16)  # region counts of the hierarchy cuts whose adjacent pairs/triples are kept
+_PRIOR_LEVELS = (0.2, 0.35, 0.5, 0.65, 0.8)
+_DEDUP_IOU_THRESH = 0.95
+_MIN_WORK_PIXELS = 16
+# Size prior (see _area_weight): weight at log10(area / image) knots.
+_AREA_LOG10 = (-5.0, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0)
+_AREA_WEIGHT = (0.01, 0.02, 0.2, 0.6, 1.0, 1.0, 1.0, 0.6, 0.2, 0.05)
+_NEAR_DUP_POOL = 3  # near-duplicates are searched among the best 3 × max_proposals candidates
+
+
+@dataclass
+class _Candidates:
+    """Candidates as unions of atoms (internal)."""
+
+    members: np.ndarray  # bool[N, A]
+    areas: np.ndarray  # float32[N] pixels at work resolution
+    boxes_xyxy: np.ndarray  # float32[N, 4] at work resolution, inclusive max
+    stability: np.ndarray  # float32[N] formation minus absorption similarity
+    contrast: np.ndarray  # float32[N] prior inside minus prior around (0 without a prior)
+    sources: list[str]
+    edge: np.ndarray | None = None  # float32[N] mean edge strength along the boundary
+    level: np.ndarray | None = None  # float32[N] merge step / (K-1); 0 for base regions
+    strategy: np.ndarray | None = None  # int64[N] index into the strategies
+
+
+# --- working image and base segmentations -------------------------------------------------------
+
+
+def _work_image(image: np.ndarray, work_max_side: int) -> np.ndarray:
+    """uint8[H,W] or [H,W,3|4] → uint8[h,w,3] RGB with max(h, w) ≤ work_max_side."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ConfigError(f"image must be uint8[H,W,3], got shape {image.shape}")
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    h, w = image.shape[:2]
+    scale = work_max_side / max(h, w)
+    if scale < 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return image
+
+
+def _colour(image: np.ndarray, space: str) -> np.ndarray:
+    if space == "rgb":
+        return image
+    if space == "hsv":
+        return cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)  # hue over 0..255
+    if space == "lab":
+        return cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    raise ConfigError(f"unknown colour space {space!r}")
+
+
+def _graph_segment(image: np.ndarray, k: int) -> np.ndarray:
+    """Felzenszwalb–Huttenlocher segmentation → int32[h,w] labels 0..K-1 (contiguous)."""
+    seg = cv2.ximgproc.segmentation.createGraphSegmentation(sigma=_GRAPH_SIGMA, k=float(k),
+                                                            min_size=k)
+    labels = seg.processImage(image)
+    _, inv = np.unique(labels, return_inverse=True)
+    return inv.reshape(labels.shape).astype(np.int32)
+
+
+# --- region features ----------------------------------------------------------------------------
+
+
+def _region_features(labels: np.ndarray, img: np.ndarray, num: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-region L1-normalised colour and texture histograms, sizes and boxes.
+
+    Returns:
+        colour float32[K,75], texture float32[K,96], size float64[K], boxes int64[K,4] (x0,y0,x1,y1).
+    """
+    flat = labels.ravel().astype(np.int64)
+    chans = img.reshape(-1, 3).astype(np.int64)
+    cbin = (chans * _COLOUR_BINS) >> 8  # 0..24
+    idx = flat[:, None] * (3 * _COLOUR_BINS) + np.arange(3) * _COLOUR_BINS + cbin
+    colour = np.bincount(idx.ravel(), minlength=num * 3 * _COLOUR_BINS).reshape(num, -1)
+    colour = colour.astype(np.float32) / np.maximum(colour.sum(1, keepdims=True), 1)
+
+    f = img.astype(np.float32)
+    gx = cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3).reshape(-1, 3)
+    gy = cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3).reshape(-1, 3)
+    ang = (np.arctan2(gy, gx) + np.pi) * (_ORIENT_BINS / (2 * np.pi))
+    obin = np.minimum(ang.astype(np.int64), _ORIENT_BINS - 1)
+    mag = np.sqrt(gx * gx + gy * gy)
+    mbin = np.clip(np.log2(mag + 1.0) * (_MAG_BINS / 11.0), 0, _MAG_BINS - 1).astype(np.int64)
+    per = _ORIENT_BINS * _MAG_BINS
+    tidx = flat[:, None] * (3 * per) + np.arange(3) * per + obin * _MAG_BINS + mbin
+    texture = np.bincount(tidx.ravel(), minlength=num * 3 * per).reshape(num, -1)
+    texture = texture.astype(np.float32) / np.maximum(texture.sum(1, keepdims=True), 1)
+
+    size = np.bincount(flat, minlength=num).astype(np.float64)
+    h, w = labels.shape
+    _, first = np.unique(flat, return_index=True)
+    _, last = np.unique(flat[::-1], return_index=True)
+    last = flat.size - 1 - last
+    flat_t = labels.T.ravel()
+    _, first_t = np.unique(flat_t, return_index=True)
+    _, last_t = np.unique(flat_t[::-1], return_index=True)
+    last_t = flat_t.size - 1 - last_t
+    boxes = np.stack([first_t // h, first // w, last_t // h, last // w], axis=1).astype(np.int64)
+    return colour, texture, size, boxes
+
+
+def _adjacency(labels: np.ndarray, num: int) -> np.ndarray:
+    """Unique pairs (a < b) of 4-adjacent regions → int64[E,2]."""
+    pairs = []
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1, :], labels[1:, :])):
+        d = a != b
+        pairs.append(np.stack([np.minimum(a[d], b[d]), np.maximum(a[d], b[d])], 1))
+    p = np.concatenate(pairs).astype(np.int64)
+    if p.size == 0:
+        return np.zeros((0, 2), np.int64)
+    key = np.unique(p[:, 0] * num + p[:, 1])
+    return np.stack([key // num, key % num], 1)
+
+
+# --- hierarchical grouping ----------------------------------------------------------------------
+
+
+@dataclass
+class _Hierarchy:
+    members: np.ndarray  # bool[R, K] base regions of each hierarchy region (R = 2K - 1 at most)
+    stability: np.ndarray  # float32[R]
+    boxes: np.ndarray  # int64[R, 4]
+    areas: np.ndarray  # float64[R] pixels at work resolution
+    group_members: np.ndarray  # bool[G, K] adjacent pairs/triples of hierarchy cuts
+    group_areas: np.ndarray  # float64[G]
+    group_boxes: np.ndarray  # int64[G, 4]
+
+
+def _merge(colour: np.ndarray, texture: np.ndarray, size: np.ndarray, boxes: np.ndarray,
+           edges: np.ndarray, weights: tuple[float, float, float, float], image_size: float
+           ) -> _Hierarchy:
+    """Greedy selective-search merging; records every region, its stability and cut groupings."""
+    num = size.shape[0]
+    total = 2 * num - 1
+    wc, wt, ws, wf = weights
+    col = np.zeros((total, colour.shape[1]), np.float32)
+    tex = np.zeros((total, texture.shape[1]), np.float32)
+    sz = np.zeros(total)
+    bx = np.zeros((total, 4), np.int64)
+    col[:num], tex[:num], sz[:num], bx[:num] = colour, texture, size, boxes
+    formed = np.ones(total, np.float32)
+    absorbed = np.zeros(total, np.float32)
+    members = np.zeros((total, num), bool)
+    members[np.arange(num), np.arange(num)] = True
+
+    def sim(i: int, js: np.ndarray) -> np.ndarray:
+        s = np.zeros(js.size)
+        if wc:
+            s += wc * np.minimum(col[i], col[js]).sum(1)
+        if wt:
+            s += wt * np.minimum(tex[i], tex[js]).sum(1)
+        both = sz[i] + sz[js]
+        if ws:
+            s += ws * (1.0 - both / image_size)
+        if wf:
+            bw = np.maximum(bx[i, 2], bx[js, 2]) - np.minimum(bx[i, 0], bx[js, 0]) + 1
+            bh = np.maximum(bx[i, 3], bx[js, 3]) - np.minimum(bx[i, 1], bx[js, 1]) + 1
+            s += wf * (1.0 - (bw * bh - both) / image_size)
+        return s / (wc + wt + ws + wf)
+
+    neighbours: list[set[int]] = [set() for _ in range(total)]
+    heap: list[tuple[float, int, int]] = []
+    if edges.shape[0]:
+        a, b = edges[:, 0], edges[:, 1]
+        s0 = np.empty(edges.shape[0])
+        for i in np.unique(a):  # vectorised per source region
+            sel = a == i
+            s0[sel] = sim(int(i), b[sel])
+        for (i, j), s in zip(edges.tolist(), s0.tolist()):
+            neighbours[i].add(j)
+            neighbours[j].add(i)
+            heap.append((-s, i, j))
+        heapq.heapify(heap)
+    alive = np.zeros(total, bool)
+    alive[:num] = True
+    cut_groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    nxt = num
+    cuts = set(_GROUP_CUTS)
+    while heap:
+        negs, i, j = heapq.heappop(heap)
+        if not (alive[i] and alive[j]):
+            continue
+        s, t = -negs, nxt
+        nxt += 1
+        absorbed[i] = absorbed[j] = s
+        formed[t] = s
+        sz[t] = sz[i] + sz[j]
+        col[t] = (col[i] * sz[i] + col[j] * sz[j]) / sz[t]
+        tex[t] = (tex[i] * sz[i] + tex[j] * sz[j]) / sz[t]
+        bx[t, :2] = np.minimum(bx[i, :2], bx[j, :2])
+        bx[t, 2:] = np.maximum(bx[i, 2:], bx[j, 2:])
+        members[t] = members[i] | members[j]
+        alive[i] = alive[j] = False
+        alive[t] = True
+        nb = (neighbours[i] | neighbours[j]) - {i, j}
+        neighbours[t] = nb
+        for n in nb:
+            neighbours[n].discard(i)
+            neighbours[n].discard(j)
+            neighbours[n].add(t)
+        if nb:
+            js = np.fromiter(nb, np.int64, len(nb))
+            for n, sv in zip(js.tolist(), sim(t, js).tolist()):
+                heapq.heappush(heap, (-sv, min(t, n), max(t, n)))
+        num_alive = num - (nxt - num)
+        if num_alive in cuts:
+            cut_groups.append(_cut_groups(np.flatnonzero(alive[:nxt]), neighbours, members, sz,
+                                          bx))
+    used = nxt
+    stability = formed[:used] - absorbed[:used]
+    if cut_groups:
+        gm, ga, gb = (np.concatenate(parts) for parts in zip(*cut_groups))
+    else:
+        gm, ga, gb = np.zeros((0, num), bool), np.zeros(0), np.zeros((0, 4), np.int64)
+    return _Hierarchy(members[:used], stability.astype(np.float32), bx[:used], sz[:used].copy(),
+                      gm, ga, gb)
+
+
+def _cut_groups(alive: np.ndarray, neighbours: list[set[int]], members: np.ndarray,
+                sizes: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unions of adjacent pairs and connected triples among the regions of one hierarchy cut.
+
+    Returns:
+        members bool[G,K], areas float64[G], boxes int64[G,4].
+    """
+    alive_set = set(alive.tolist())
+    combos: set[tuple[int, ...]] = set()
+    for r in alive.tolist():
+        nb = sorted(n for n in neighbours[r] if n in alive_set)
+        for n in nb:
+            if n > r:
+                combos.add((r, n))
+        for x in range(len(nb)):  # triples centred on r
+            for y in range(x + 1, len(nb)):
+                combos.add(tuple(sorted((r, nb[x], nb[y]))))
+    num = members.shape[1]
+    if not combos:
+        return np.zeros((0, num), bool), np.zeros(0), np.zeros((0, 4), np.int64)
+    ordered = sorted(combos)
+    idx = np.full((len(ordered), 3), -1, np.int64)
+    for g, combo in enumerate(ordered):
+        idx[g, :len(combo)] = combo
+    valid = idx >= 0
+    safe = np.where(valid, idx, idx[:, :1])  # a repeated first region is harmless in unions
+    out = members[safe[:, 0]] | members[safe[:, 1]] | members[safe[:, 2]]
+    areas = (sizes[safe] * valid).sum(1)
+    bxs = boxes[safe]
+    gboxes = np.concatenate([bxs[:, :, :2].min(1), bxs[:, :, 2:].max(1)], 1)
+    return out, areas, gboxes
+
+
+# --- the hierarchical method --------------------------------------------------------------------
+
+
+def _atoms(label_maps: Sequence[np.ndarray]) -> tuple[np.ndarray, int, list[np.ndarray]]:
+    """Overlay of segmentations → (atom map int64[h,w], A, per map int64[A] atom → label)."""
+    key = np.zeros(label_maps[0].size, np.int64)
+    for lab in label_maps:
+        _, key = np.unique(key * (int(lab.max()) + 1) + lab.ravel(), return_inverse=True)
+        key = key.ravel().astype(np.int64)
+    num = int(key.max()) + 1
+    first = np.zeros(num, np.int64)
+    first[key[::-1]] = np.arange(key.size - 1, -1, -1)  # any pixel of each atom
+    lookups = [lab.ravel()[first].astype(np.int64) for lab in label_maps]
+    return key.reshape(label_maps[0].shape), num, lookups
+
+
+def _hierarchical(work: np.ndarray, prior: np.ndarray | None,
+                  strategies: Sequence[_Strategy] = HIERARCHICAL_STRATEGIES
+                  ) -> tuple[np.ndarray, _Candidates]:
+    """Selective-search hierarchies + cut groupings as candidates over atoms.
+
+    Args:
+        work: uint8[h,w,3] RGB working image. prior: float32[h,w] in [0,1] or None.
+    """
+    h, w = work.shape[:2]
+    segs: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    for space, k, _ in strategies:
+        if (space, k) not in segs:
+            img = _colour(work, space)
+            segs[(space, k)] = (_graph_segment(img, k), img)
+    keys = list(segs)
+    atom_map, _, lookups = _atoms([segs[key][0] for key in keys])
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]] = []
+    levels: list[np.ndarray] = []
+    strat: list[np.ndarray] = []
+    edge_parts: list[np.ndarray] = []
+    grad = _edge_map(work)
+    for si, (space, k, weights) in enumerate(strategies):
+        labels, img = segs[(space, k)]
+        num = int(labels.max()) + 1
+        colour, texture, size, bxs = _region_features(labels, img, num)
+        edges = _adjacency(labels, num)
+        hier = _merge(colour, texture, size, bxs, edges, weights, float(h * w))
+        lookup = lookups[keys.index((space, k))]
+        level = np.zeros(hier.members.shape[0], np.float32)
+        level[num:] = np.arange(1, hier.members.shape[0] - num + 1) / max(num - 1, 1)
+        contrast = _region_contrast(prior, labels, size, edges, hier.members, hier.group_members)
+        edge_parts.append(_boundary_strength(labels, grad, num, hier.members, hier.group_members))
+        g = hier.group_members.shape[0]
+        parts.append((hier.members[:, lookup], hier.areas, hier.boxes, hier.stability,
+                      contrast[:hier.members.shape[0]], "hier"))
+        levels.append(level)
+        strat.append(np.full(level.size + g, si))
+        if g:
+            # Groupings were never formed by the greedy order: give them the stability of a
+            # region formed and absorbed at the cut (0), below every region that persisted.
+            parts.append((hier.group_members[:, lookup], hier.group_areas, hier.group_boxes,
+                          np.zeros(g, np.float32), contrast[hier.members.shape[0]:], "group"))
+            levels.append(np.full(g, -1.0, np.float32))
+    members = np.concatenate([p[0] for p in parts])
+    cand = _Candidates(
+        members=members,
+        areas=np.concatenate([p[1] for p in parts]).astype(np.float32),
+        boxes_xyxy=np.concatenate([p[2] for p in parts]).astype(np.float32),
+        stability=np.concatenate([p[3] for p in parts]).astype(np.float32),
+        contrast=np.concatenate([p[4] for p in parts]).astype(np.float32),
+        sources=[tag for p in parts for tag in [p[5]] * p[0].shape[0]],
+        edge=np.concatenate(edge_parts).astype(np.float32),
+        level=np.concatenate(levels).astype(np.float32),
+        strategy=np.concatenate(strat),
+    )
+    return atom_map, cand
+
+
+def _edge_map(work: np.ndarray) -> np.ndarray:
+    """Colour gradient magnitude in Lab after light smoothing, scaled to ~[0, 1] → float32[h,w]."""
+    lab = cv2.cvtColor(cv2.GaussianBlur(work, (5, 5), 1.0), cv2.COLOR_RGB2LAB).astype(np.float32)
+    gx = cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3)
+    mag = np.sqrt((gx * gx + gy * gy).sum(2))
+    scale = float(np.percentile(mag, 99)) if mag.size else 1.0
+    return np.clip(mag / max(scale, 1e-6), 0.0, 1.0)
+
+
+def _boundary_strength(labels: np.ndarray, grad: np.ndarray, num: int,
+                       *member_sets: np.ndarray) -> np.ndarray:
+    """Mean edge strength along each candidate's boundary with other regions (objectness cue).
+
+    The strength of a pixel pair straddling two base regions is the larger gradient of the two;
+    sums and counts per region pair make the per-candidate boundary mean a pair of matmuls.
+
+    Args:
+        labels: int32[h,w] base regions (K = num). grad: float32[h,w] in [0,1].
+        member_sets: bool[R_i,K] candidates as unions of base regions.
+
+    Returns:
+        float32[ΣR_i]; 0 for a candidate without an inner boundary.
+    """
+    members = np.concatenate(member_sets)
+    keys, vals = [], []
+    for a, b, ga, gb in ((labels[:, :-1], labels[:, 1:], grad[:, :-1], grad[:, 1:]),
+                         (labels[:-1, :], labels[1:, :], grad[:-1, :], grad[1:, :])):
+        d = a != b
+        keys.append(np.minimum(a[d], b[d]).astype(np.int64) * num + np.maximum(a[d], b[d]))
+        vals.append(np.maximum(ga[d], gb[d]))
+    key = np.concatenate(keys)
+    if key.size == 0:
+        return np.zeros(members.shape[0], np.float32)
+    uniq, inv = np.unique(key, return_inverse=True)
+    total = np.bincount(inv, weights=np.concatenate(vals)).astype(np.float32)
+    count = np.bincount(inv).astype(np.float32)
+    ea, eb = uniq // num, uniq % num
+    out = np.empty(members.shape[0], np.float32)
+    for s in range(0, members.shape[0], 512):
+        m = members[s:s + 512]
+        cross = (m[:, ea] != m[:, eb]).astype(np.float32)
+        length = cross @ count
+        out[s:s + 512] = np.where(length > 0, (cross @ total) / np.maximum(length, 1), 0.0)
+    return out
+
+
+def _region_contrast(prior: np.ndarray | None, labels: np.ndarray, size: np.ndarray,
+                     edges: np.ndarray, *member_sets: np.ndarray) -> np.ndarray:
+    """Mean prior inside each candidate minus the mean over the base regions touching it.
+
+    Args:
+        prior: float32[h,w] or None (→ zeros). labels: int32[h,w] base regions (K).
+        size: float[K]. edges: int64[E,2] adjacent base regions. member_sets: bool[R_i,K].
+
+    Returns:
+        float32[ΣR_i] in [-1, 1].
+    """
+    members = np.concatenate(member_sets)
+    if prior is None:
+        return np.zeros(members.shape[0], np.float32)
+    num = size.shape[0]
+    mass = np.bincount(labels.ravel(), weights=prior.ravel(), minlength=num)
+    adj = np.zeros((num, num), np.float32)
+    adj[edges[:, 0], edges[:, 1]] = 1.0
+    adj[edges[:, 1], edges[:, 0]] = 1.0
+    mf = members.astype(np.float32)
+    inside = (mf @ mass) / np.maximum(mf @ size, 1)
+    ring = ((mf @ adj) > 0) & ~members
+    rf = ring.astype(np.float32)
+    ring_size = rf @ size
+    around = np.where(ring_size > 0, (rf @ mass) / np.maximum(ring_size, 1), 0.0)
+    return (inside - around).astype(np.float32)
+
+
+def _prior_candidates(prior: np.ndarray, atom_map: np.ndarray, atom_area: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Prior thresholded at several levels, whole and per connected component, snapped to atoms.
+
+    Args:
+        prior: float32[h,w] at work resolution. atom_map: int64[h,w]. atom_area: float32[A].
+
+    Returns:
+        members bool[P,A], areas float32[P], boxes float32[P,4], contrast float32[P].
+    """
+    lo, hi = float(prior.min()), float(prior.max())
+    num = atom_area.size
+    if hi - lo < 1e-6:
+        return (np.zeros((0, num), bool), np.zeros(0, np.float32), np.zeros((0, 4), np.float32),
+                np.zeros(0, np.float32))
+    p = (prior - lo) / (hi - lo)
+    flat = atom_map.ravel()
+    masks: list[np.ndarray] = []
+    for level in _PRIOR_LEVELS:
+        binary = (p >= level).astype(np.uint8)
+        masks.append(binary.astype(bool))
+        n, comp = cv2.connectedComponents(binary, connectivity=8)
+        if n > 2:
+            masks.extend(comp == c for c in range(1, min(n, 33)))
+    # Majority vote per atom aligns the blurry prior with image edges.
+    members = np.stack([np.bincount(flat, weights=m.ravel(), minlength=num) * 2 > atom_area
+                        for m in masks])
+    snapped = np.take(members, atom_map, axis=1)
+    areas = snapped.reshape(len(masks), -1).sum(1).astype(np.float32)
+    boxes = np.zeros((len(masks), 4), np.float32)
+    contrast = np.zeros(len(masks), np.float32)
+    for i, m in enumerate(snapped):
+        if areas[i] == 0:
+            continue
+        x, y, bw, bh = cv2.boundingRect(m.astype(np.uint8))
+        boxes[i] = (x, y, x + bw - 1, y + bh - 1)
+        ring = cv2.dilate(m.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & ~m
+        contrast[i] = float(p[m].mean() - (p[ring].mean() if ring.any() else 0.0))
+    return members, areas, boxes, contrast
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+
+def _hierarchical_method(image: np.ndarray, *, max_proposals: int, min_area_frac: float,
+                         max_area_frac: float, work_max_side: int, prior: np.ndarray | None,
+                         seed: int) -> ProposalSet:
+    height, width = image.shape[:2]
+    work = _work_image(image, work_max_side)
+    h, w = work.shape[:2]
+    if h * w < _MIN_WORK_PIXELS or height * width < _MIN_WORK_PIXELS:
+        return _empty(height, width)
+    prior_work = None
+    if prior is not None:
+        prior = np.asarray(prior, dtype=np.float32)
+        if prior.shape != (height, width):
+            raise ConfigError(f"prior must be float32[{height},{width}], got {prior.shape}")
+        prior_work = cv2.resize(np.nan_to_num(prior), (w, h), interpolation=cv2.INTER_AREA)
+        prior_work = np.clip(prior_work, 0.0, 1.0)
+    atom_map, cand = _hierarchical(work, prior_work)
+    num_atoms = int(atom_map.max()) + 1
+    atom_area = np.bincount(atom_map.ravel(), minlength=num_atoms).astype(np.float32)
+    if prior_work is not None:
+        pm, pa, pb, pc = _prior_candidates(prior_work, atom_map, atom_area)
+        cand = _Candidates(np.concatenate([cand.members, pm]),
+                           np.concatenate([cand.areas, pa]),
+                           np.concatenate([cand.boxes_xyxy, pb]),
+                           np.concatenate([cand.stability, np.zeros(len(pa), np.float32)]),
+                           np.concatenate([cand.contrast, pc]),
+                           cand.sources + ["saliency"] * len(pa))
+
+    frac = cand.areas / float(h * w)
+    keep = np.flatnonzero((frac >= min_area_frac) & (frac <= max_area_frac))
+    if keep.size == 0:
+        return _empty(height, width)
+    score = _score(cand, float(h * w), prior_work is not None, seed)[keep]
+    # Best first; exact duplicates (the same atoms from several strategies) keep the best copy.
+    order = keep[np.lexsort((keep, -score))]
+    members = cand.members[order]
+    packed = np.ascontiguousarray(np.packbits(members, axis=1))
+    _, first = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(),
+                         return_index=True)
+    first = np.sort(first)[:_NEAR_DUP_POOL * max_proposals]
+    order = order[first]
+    members = members[first]
+    kept = _dedup(members, cand.areas[order], cand.boxes_xyxy[order], atom_area, max_proposals)
+    idx = order[kept]
+    members = members[kept]
+    scores = _score(cand, float(h * w), prior_work is not None, seed)[idx]
+    sources = [cand.sources[i] for i in idx.tolist()]
+    if (h, w) != (height, width):
+        atom_map = cv2.resize(atom_map.astype(np.int32), (width, height),
+                              interpolation=cv2.INTER_NEAREST)
+    masks = np.take(members, atom_map, axis=1)  # [N, H, W]
+    return ProposalSet(masks, scores.astype(np.float32), sources)
+
+
+def _area_weight(area_frac: np.ndarray) -> np.ndarray:
+    """Prior weight of a candidate's size (piecewise linear in log10 area/image).
+
+    Measured on 20 coco-dev images (10 categories): instances best covered by a candidate have
+    area fractions spread over 1e-3…1e-1, while most candidates are tiny base regions (< 1e-3)
+    or large merges (> 0.1), which rarely match an object.
+    """
+    log_frac = np.log10(np.maximum(area_frac, 1e-9))
+    return np.interp(log_frac, _AREA_LOG10, _AREA_WEIGHT)
+
+
+def _score(cand: _Candidates, num_pixels: float, with_prior: bool, seed: int) -> np.ndarray:
+    """Weighted-sampling keys u^(1/w) in (0, 1] (Efraimidis–Spirakis) → float32[N].
+
+    The weight w = size prior × (stability + 0.05) × (boundary edge strength + 0.2)
+    [× prior contrast]. Sorting by the key draws the top-k as a weighted random sample without
+    replacement: deterministic objectness scores alone filled the top-k with near-identical
+    small regions (recall@0.5 at 1000: 0.23 by stability, 0.24 by edge strength, 0.41 uniform
+    random, 0.49 with these keys; 20 images, before near-duplicate removal).
+    """
+    rng = np.random.default_rng(seed)
+    u = rng.random(cand.stability.shape[0])
+    edge = cand.edge if cand.edge is not None else np.zeros_like(cand.stability)
+    weight = (_area_weight(cand.areas / num_pixels) * (np.clip(cand.stability, 0.0, None) + 0.05)
+              * (edge + 0.2))
+    if with_prior:
+        weight = weight * np.clip(0.5 + cand.contrast, 0.05, 1.5)
+    return np.power(u, 1.0 / np.maximum(weight, 1e-6)).astype(np.float32)
+
+
+def _dedup(members: np.ndarray, area: np.ndarray, boxes: np.ndarray, atom_area: np.ndarray,
+           max_keep: int) -> np.ndarray:
+    """Greedy removal of near-duplicates (mask IoU > 0.95) from candidates sorted best first.
+
+    Two masks with IoU > 0.95 have areas within 5% of each other and near-identical boxes, so only
+    pairs in that area window whose boxes overlap at IoU ≥ 0.8 are compared exactly (on atoms).
+
+    Args:
+        members: bool[N,A], best first. area: float[N] pixels. boxes: float[N,4] xyxy inclusive.
+        atom_area: float32[A] pixels per atom.
+
+    Returns:
+        int64[≤ max_keep] indices of the kept candidates, in order.
+    """
+    n = area.shape[0]
+    by_area = np.argsort(area, kind="stable")
+    sorted_area = area[by_area]
+    hi = np.searchsorted(sorted_area, sorted_area / _DEDUP_IOU_THRESH, side="right")
+    counts = hi - np.arange(n) - 1
+    ii = np.repeat(np.arange(n), counts)
+    offs = np.arange(ii.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    a, b = by_area[ii], by_area[ii + 1 + offs]
+    ba, bb = boxes[a], boxes[b]
+    iw = np.minimum(ba[:, 2], bb[:, 2]) - np.maximum(ba[:, 0], bb[:, 0]) + 1
+    ih = np.minimum(ba[:, 3], bb[:, 3]) - np.maximum(ba[:, 1], bb[:, 1]) + 1
+    inter_box = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (ba[:, 2] - ba[:, 0] + 1) * (ba[:, 3] - ba[:, 1] + 1)
+    area_b = (bb[:, 2] - bb[:, 0] + 1) * (bb[:, 3] - bb[:, 1] + 1)
+    close = inter_box >= 0.8 * (area_a + area_b - inter_box)
+    a, b = a[close], b[close]
+    suppressed = np.zeros(n, bool)
+    if a.size:
+        # Exact IoU on atoms via sparse rows: |A ∩ B| = Σ_atoms a·b·area
+        rows = sparse.csr_matrix(members, dtype=np.float32)
+        weighted = rows @ sparse.diags(atom_area)
+        inter = np.asarray(rows[a].multiply(weighted[b]).sum(1)).ravel()
+        iou = inter / (area[a] + area[b] - inter)
+        dup = iou > _DEDUP_IOU_THRESH
+        better, worse = np.minimum(a[dup], b[dup]), np.maximum(a[dup], b[dup])  # index = rank
+        for p in np.argsort(better, kind="stable").tolist():
+            if not suppressed[better[p]]:
+                suppressed[worse[p]] = True
+    return np.flatnonzero(~suppressed)[:max_keep]
+
+
+def _empty(height: int, width: int) -> ProposalSet:
+    return ProposalSet(np.zeros((0, height, width), bool), np.zeros(0, np.float32), [])
+
+
+ProposalMethod = Callable[..., ProposalSet]
+METHODS: dict[str, ProposalMethod] = {"hierarchical": _hierarchical_method}
+
+
+def get_method(name: str) -> ProposalMethod:
+    """The proposal source registered as `name`; ConfigError lists the choices otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown proposal method {name!r}; choose from {sorted(METHODS)}"
+                          ) from None
+
+
+def generate_proposals(image: np.ndarray, *, method: str = "hierarchical",
+                       max_proposals: int = 1000, min_area_frac: float = 2e-5,
+                       max_area_frac: float = 0.85, work_max_side: int = 640,
+                       prior: np.ndarray | None = None, seed: int = 0) -> ProposalSet:
+    """Candidate object masks of one image, best first.
+
+    Args:
+        image: uint8[H,W,3] RGB (uint8[H,W] grayscale is accepted).
+        method: a key of METHODS.
+        max_proposals: keep at most this many, highest scores first.
+        min_area_frac, max_area_frac: keep proposals with area/image in this closed range.
+        work_max_side: grouping runs with the longer side capped here; masks are mapped back.
+        prior: optional float32[H,W] saliency map in [0,1]; adds thresholded-prior candidates and
+            weights scores by prior contrast.
+        seed: seeds the tie-breaking jitter (same input and seed → same output).
+
+    Returns:
+        ProposalSet with masks bool[N,H,W] at the image's resolution, scores float32[N]
+        descending, one source tag per proposal ("hier", "group", "saliency"); N may be 0.
+    """
+    fn = get_method(method)
+    if max_proposals < 1:
+        raise ConfigError(f"max_proposals must be >= 1, got {max_proposals}")
+    if not 0.0 <= min_area_frac < max_area_frac <= 1.0:
+        raise ConfigError(f"need 0 <= min_area_frac < max_area_frac <= 1, got {min_area_frac}, "
+                          f"{max_area_frac}")
+    if work_max_side < 1:
+        raise ConfigError(f"work_max_side must be >= 1, got {work_max_side}")
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or 0 in image.shape[:2]:
+        raise ConfigError(f"image must be a non-empty uint8[H,W,3], got {image.dtype}{image.shape}")
+    return fn(image, max_proposals=max_proposals, min_area_frac=min_area_frac,
+              max_area_frac=max_area_frac, work_max_side=work_max_side, prior=prior, seed=seed)
+
+
+def proposals_to_coco(records: Sequence[Any], sets: Sequence[ProposalSet]) -> dict[str, Any]:
+    """COCO dataset dict of proposals (category 1, "object"), readable by pycocotools.
+
+    Args:
+        records: per image, objects with `name`, `height`, `width` (e.g. ImageRecord).
+        sets: the ProposalSet of each record, same order.
+
+    Returns:
+        {"images", "annotations", "categories"}; each annotation carries a compressed-RLE
+        `segmentation`, `bbox` [x, y, w, h], `area` and `score`. Image ids are 1-based positions.
+    """
+    if len(records) != len(sets):
+        raise ConfigError(f"{len(records)} records but {len(sets)} proposal sets")
+    images, annotations = [], []
+    ann_id = 1
+    for img_id, (rec, props) in enumerate(zip(records, sets), start=1):
+        images.append({"id": img_id, "file_name": rec.name, "height": int(rec.height),
+                       "width": int(rec.width)})
+        if props.masks.shape[1:] != (rec.height, rec.width) and len(props):
+            raise ConfigError(f"{rec.name}: proposal masks {props.masks.shape[1:]} do not match "
+                              f"the image size {(rec.height, rec.width)}")
+        rles = coco.encode_masks(props.masks)
+        areas = props.masks.reshape(len(props), -1).sum(1) if len(props) else []
+        for k, rle in enumerate(rles):
+            annotations.append({
+                "id": ann_id, "image_id": img_id, "category_id": 1, "segmentation": rle,
+                "bbox": coco.bbox_xywh(props.masks[k]), "area": int(areas[k]), "iscrowd": 0,
+                "score": float(props.scores[k]),
+                "source": props.sources[k] if props.sources else "",
+            })
+            ann_id += 1
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}

@@ -1,0 +1,234 @@
+"""Stage 1 fine-tuning: piecewise training of CoSegNet on the folder itself (deepco3.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import CosegConfig
+from .errors import TrainingError
+from .losses import total_loss
+from .model import CoSegNet, preprocess, resize_prior
+from .runtime import atomic_path, config_key
+
+Progress = Callable[[str, int, int, dict[str, float]], None]
+LOSS_TERMS = ("total", "saliency", "copeak", "affinity")
+# Config fields that change the fine-tuned weights (device and threads only change rounding).
+TRAIN_FIELDS = ("image_size", "epochs", "batch_images", "lr", "weight_decay", "lambda_copeak",
+                "lambda_affinity", "affinity_alpha", "feature_layer", "freeze_until", "seed")
+CACHE_FORMAT = 1
+
+
+@dataclass
+class TrainReport:
+    """What fine-tuning did.
+
+    Attributes:
+        history: one dict per epoch, mean over its batches of each term in LOSS_TERMS
+            (total is weighted, the others unweighted).
+        steps: optimiser steps taken (0 when loaded from the cache).
+        seconds: wall time of the training loop (of the original run when cached).
+        device: where it ran.
+        cached: True when the weights came from the training cache.
+        cache_path: the cache file written or read, if any.
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    device: str = "cpu"
+    cached: bool = False
+    cache_path: str | None = None
+
+
+def make_batches(num_images: int, batch_images: int, gen: torch.Generator) -> list[list[int]]:
+    """One epoch of piecewise batches: a fresh permutation cut into `batch_images` chunks.
+
+    A chunk of odd size borrows one random image from outside it so it can be halved into
+    pairs (from inside, not pairing with itself, only when the folder has no other image).
+
+    Returns:
+        Lists of image indices, each of even length >= 2.
+    """
+    if num_images < 2:
+        raise TrainingError(f"fine-tuning needs at least 2 images, got {num_images}")
+    perm = torch.randperm(num_images, generator=gen).tolist()
+    batches = []
+    for start in range(0, num_images, batch_images):
+        batch = perm[start:start + batch_images]
+        if len(batch) % 2:
+            outside = [i for i in range(num_images) if i not in batch]
+            pool = outside if outside else batch[:1]
+            batch = batch + [pool[int(torch.randint(len(pool), (1,), generator=gen))]]
+        batches.append(batch)
+    return batches
+
+
+def finetune(
+    model: CoSegNet,
+    images: Sequence[np.ndarray],
+    priors: Sequence[np.ndarray],
+    cfg: CosegConfig,
+    *,
+    device: torch.device | str,
+    progress: Progress | None = None,
+) -> TrainReport:
+    """Fine-tune `model` in place on one folder with the three losses (Adam, piecewise batches).
+
+    Args:
+        model: from `model.build_model` (its frozen layers already set from the config).
+        images: uint8[H,W,3] RGB images of the folder.
+        priors: float32[H,W] saliency priors in [0, 1], one per image.
+        cfg: image_size, epochs, batch_images, lr, weight_decay, loss weights, seed.
+        device: torch device to train on.
+        progress: called after every step as (stage, done, total, running losses).
+
+    Returns:
+        TrainReport with per-epoch loss history.
+
+    Raises:
+        TrainingError: fewer than 2 images, mismatched priors, or a NaN/inf loss (names the epoch).
+    """
+    if len(images) != len(priors):
+        raise TrainingError(f"{len(images)} images but {len(priors)} priors")
+    dev = torch.device(device)
+    size = cfg.image_size
+    # Preprocess once; batches are sliced from these.
+    x_all = preprocess(images, size)
+    p_all = torch.stack([resize_prior(p, size) for p in priors])[:, None]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("every layer is frozen; nothing to fine-tune")
+    # fused: one kernel over all tensors; measured 0.05 s vs 0.46 s per step (foreach 0.9 s) for
+    # VGG-16's 14.7M parameters on this 2-core CPU.
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                           fused=True)
+    num_batches = math.ceil(len(images) / cfg.batch_images)
+    total_steps = num_batches * cfg.epochs
+    report = TrainReport(device=str(dev))
+    step = 0
+    t0 = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        sums = dict.fromkeys(LOSS_TERMS, 0.0)
+        batches = make_batches(len(images), cfg.batch_images, gen)
+        for b_i, batch in enumerate(batches, start=1):
+            idx = torch.tensor(batch)
+            x = x_all[idx].to(dev, non_blocking=True)
+            pri = p_all[idx].to(dev, non_blocking=True)
+            feats, logits = model(x)
+            loss, parts = total_loss(feats, logits, pri, lambda_copeak=cfg.lambda_copeak,
+                                     lambda_affinity=cfg.lambda_affinity,
+                                     alpha=cfg.affinity_alpha)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"loss became {value} at epoch {epoch}/{cfg.epochs} (step {step + 1}); "
+                    f"terms: { {k: float(v.detach()) for k, v in parts.items()} }; try a lower "
+                    f"--lr (now {cfg.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            sums["total"] += value
+            for k, v in parts.items():
+                sums[k] += float(v.detach())
+            if progress is not None:
+                running = {k: v / b_i for k, v in sums.items()}
+                running["epoch"] = float(epoch)
+                progress("finetune", step, total_steps, running)
+        report.history.append({k: v / len(batches) for k, v in sums.items()})
+    report.steps = step
+    report.seconds = time.perf_counter() - t0
+    model.eval()
+    return report
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """SHA-1 of the model's tensors (names, shapes, bytes): identifies the starting weights."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def priors_digest(priors: Sequence[np.ndarray]) -> str:
+    """SHA-1 of the priors' float32 values (the prior method and its settings are in here)."""
+    h = hashlib.sha1()
+    for p in priors:
+        a = np.ascontiguousarray(p, dtype=np.float32)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def train_cache_key(image_sha1s: Sequence[str], cfg: CosegConfig, weights_sha: str = "",
+                    priors_sha: str = "") -> str:
+    """Cache key of fine-tuned weights: sorted image hashes + training fields + start weights.
+
+    Args:
+        image_sha1s: SHA-1 of each image's bytes (order does not matter).
+        cfg: the run's config (only TRAIN_FIELDS count).
+        weights_sha: digest of the starting weights (`state_digest`).
+        priors_sha: digest of the priors (`priors_digest`).
+    """
+    fields = {name: getattr(cfg, name) for name in TRAIN_FIELDS}
+    return config_key("finetune", CACHE_FORMAT, sorted(image_sha1s), fields, weights_sha,
+                      priors_sha)
+
+
+def load_or_finetune(
+    model: CoSegNet,
+    images: Sequence[np.ndarray],
+    priors: Sequence[np.ndarray],
+    image_sha1s: Sequence[str],
+    cfg: CosegConfig,
+    *,
+    device: torch.device | str,
+    cache_dir: Path | None,
+    progress: Progress | None = None,
+) -> TrainReport:
+    """`finetune`, unless `cache_dir` already holds the result for this folder and config.
+
+    The cache file `<cache_dir>/<key>.pt` holds the full state dict and the loss history; it
+    is written atomically and read with `torch.load(weights_only=True)`.
+
+    Raises:
+        TrainingError: as `finetune`, or an unreadable cache file.
+    """
+    if cache_dir is None:
+        return finetune(model, images, priors, cfg, device=device, progress=progress)
+    key = train_cache_key(image_sha1s, cfg, state_digest(model), priors_digest(priors))
+    path = Path(cache_dir) / f"{key}.pt"
+    if path.is_file():
+        try:
+            blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(blob["state_dict"], strict=True)
+        except Exception as exc:  # corrupt or foreign file: say which, do not guess
+            raise TrainingError(f"cannot read fine-tuning cache {path}: {exc}; delete it to "
+                                "retrain") from None
+        model.to(torch.device(device)).eval()
+        return TrainReport(history=list(blob["history"]), steps=0, seconds=float(blob["seconds"]),
+                           device=str(device), cached=True, cache_path=str(path))
+    report = finetune(model, images, priors, cfg, device=device, progress=progress)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "state_dict": state, "history": report.history,
+                    "seconds": report.seconds, "steps": report.steps}, tmp)
+    report.cache_path = str(path)
+    return report
+
+
+__all__ = ["TrainReport", "finetune", "load_or_finetune", "train_cache_key", "make_batches",
+           "state_digest", "priors_digest", "LOSS_TERMS"]

@@ -1,0 +1,151 @@
+"""Mask proposals: shapes, determinism, blob recovery, filters, edge images, COCO round trip, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from typer.testing import CliRunner
+
+from coseg_cli import coco
+from coseg_cli.cli import app
+from coseg_cli.errors import ConfigError
+from coseg_cli.proposals import METHODS, generate_proposals, get_method, proposals_to_coco
+
+from conftest import blob_image
+
+
+def _discs(size: int) -> list[np.ndarray]:
+    yy, xx = np.mgrid[:size, :size]
+    return [(yy - size * cy) ** 2 + (xx - size * cx) ** 2 <= (size * 0.14) ** 2
+            for cy, cx in ((0.3, 0.3), (0.7, 0.68))]
+
+
+def _iou(masks: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    inter = (masks & gt).reshape(len(masks), -1).sum(1)
+    union = (masks | gt).reshape(len(masks), -1).sum(1)
+    return inter / np.maximum(union, 1)
+
+
+def _pairwise_iou(masks: np.ndarray) -> np.ndarray:
+    flat = masks.reshape(len(masks), -1).astype(np.float32)
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    return inter / (area[:, None] + area[None] - inter)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_shapes_dtypes_and_order(method: str) -> None:
+    img = blob_image(64)
+    props = generate_proposals(img, method=method, max_proposals=50)
+    assert props.masks.dtype == bool and props.masks.shape[1:] == (64, 64)
+    assert props.scores.dtype == np.float32 and props.scores.shape == (len(props),)
+    assert 0 < len(props) <= 50 and len(props.sources) == len(props)
+    assert np.all(np.isfinite(props.scores)) and np.all(np.diff(props.scores) <= 0)
+
+
+def test_deterministic() -> None:
+    img = blob_image(80, seed=3)
+    a = generate_proposals(img, max_proposals=100)
+    b = generate_proposals(img, max_proposals=100)
+    assert np.array_equal(a.masks, b.masks) and np.array_equal(a.scores, b.scores)
+
+
+def test_recovers_each_blob() -> None:
+    img = blob_image(96)
+    props = generate_proposals(img, max_proposals=200)
+    for disc in _discs(96):
+        assert _iou(props.masks, disc).max() > 0.9
+
+
+def test_area_filter_and_dedup() -> None:
+    rng = np.random.default_rng(0)
+    img = (rng.random((48, 64, 3)) * 60 + blob_image(64)[:48] * 0.7).astype(np.uint8)
+    props = generate_proposals(img, max_proposals=300, min_area_frac=0.01, max_area_frac=0.5)
+    assert len(props) > 0
+    frac = props.masks.reshape(len(props), -1).mean(1)
+    assert frac.min() >= 0.01 - 1e-9 and frac.max() <= 0.5 + 1e-9
+    iou = _pairwise_iou(props.masks)
+    np.fill_diagonal(iou, 0)
+    assert iou.max() <= 0.95
+
+
+def test_cap_resolution_maps_back() -> None:
+    img = np.kron(blob_image(64), np.ones((4, 4, 1), np.uint8))  # 256×256
+    props = generate_proposals(img, max_proposals=100, work_max_side=128)
+    assert props.masks.shape[1:] == (256, 256)
+    for disc in _discs(256):
+        assert _iou(props.masks, disc).max() > 0.9
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 2, 3), (2000, 20, 3), (40, 50)])
+def test_edge_images(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    props = generate_proposals(img, max_proposals=20)
+    assert props.masks.shape == (len(props), shape[0], shape[1])
+    assert len(props) <= 20
+
+
+def test_prior_adds_saliency_candidates() -> None:
+    img = blob_image(64)
+    prior = np.zeros((64, 64), np.float32)
+    for disc in _discs(64):
+        prior[disc] = 1.0
+    props = generate_proposals(img, max_proposals=100, prior=prior)
+    assert "saliency" in props.sources or len(props) > 0
+    for disc in _discs(64):
+        assert _iou(props.masks, disc).max() > 0.9
+    with pytest.raises(ConfigError):
+        generate_proposals(img, prior=np.zeros((3, 3), np.float32))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="hierarchical"):
+        get_method("mcg")
+    with pytest.raises(ConfigError):
+        generate_proposals(blob_image(32), max_proposals=0)
+    with pytest.raises(ConfigError):
+        generate_proposals(np.zeros((8, 8, 3), np.float32))
+
+
+def test_coco_round_trip(tmp_path: Path) -> None:
+    sets = [generate_proposals(blob_image(64), max_proposals=30),
+            generate_proposals(blob_image(48, seed=2)[:, :40], max_proposals=30)]
+    recs = [SimpleNamespace(name="a.png", height=64, width=64),
+            SimpleNamespace(name="sub/b.png", height=48, width=40)]
+    data = proposals_to_coco(recs, sets)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    api = COCO(str(path))
+    assert sorted(api.getImgIds()) == [1, 2]
+    for img_id, props in zip((1, 2), sets):
+        anns = api.loadAnns(api.getAnnIds(imgIds=[img_id]))
+        assert len(anns) == len(props)
+        for ann, mask, score in zip(anns, props.masks, props.scores):
+            assert np.array_equal(api.annToMask(ann).astype(bool), mask)
+            assert ann["area"] == int(mask.sum()) and ann["bbox"] == coco.bbox_xywh(mask)
+            assert ann["score"] == pytest.approx(float(score))
+
+
+def test_cli_writes_proposals_json(tmp_path: Path) -> None:
+    src = tmp_path / "imgs"
+    src.mkdir()
+    Image.fromarray(blob_image(64)).save(src / "one.png")
+    Image.fromarray(blob_image(56, seed=1)).save(src / "two.png")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["proposals", str(src), "--out", str(out), "--max-proposals",
+                                 "25", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 2 and 0 < summary["proposals"] <= 50
+    data = json.loads((out / "proposals.json").read_text())
+    assert [im["file_name"] for im in data["images"]] == ["one.png", "two.png"]
+    assert len(data["annotations"]) == summary["proposals"]
+    r = CliRunner().invoke(app, ["proposals", str(src), "--out", str(out), "--method", "nope"])
+    assert r.exit_code == 2 and "hierarchical" in r.output
