@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coseg_cli import model as M  # noqa: E402
-from coseg_cli import train as T  # noqa: E402
-from coseg_cli.config import CosegConfig  # noqa: E402
+from coseg_cli import model as M
+from coseg_cli import train as T
+from coseg_cli.config import CosegConfig
 
 CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
          (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]

@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import export, images, pipeline
+from . import export, images, pipeline, report
 from .config import CosegConfig
-from .errors import CosegError, InputError
+from .errors import ConfigError, CosegError, InputError
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,40 @@ def output_folders(folders: list[Path], out: Path) -> list[Path]:
     return [Path(out) / n for n in names]
 
 
+def parse_shard(value: str) -> tuple[int, int]:
+    """"K/N" → (K, N) with 1 ≤ K ≤ N (`coseg run --shard`).
+
+    Raises:
+        ConfigError: not two integers separated by "/", or K outside 1..N.
+    """
+    parts = str(value).strip().split("/")
+    try:
+        k, n = (int(x) for x in parts)
+    except ValueError:
+        raise ConfigError(f"--shard must be K/N (e.g. 2/8), got {value!r}") from None
+    if n < 1 or not 1 <= k <= n:
+        raise ConfigError(f"--shard K/N needs 1 <= K <= N, got {value!r}")
+    return k, n
+
+
+def shard_indices(folders: list[Path], k: int, n: int) -> list[int]:
+    """Indices into `folders` of shard K of N, in their original order.
+
+    Folders are ranked by resolved path (the order callers list them in does not matter) and the
+    i-th goes to shard (i mod N) + 1: shards differ in size by at most one, every machine computes
+    the same split from the same folder list, and the N shards cover every folder exactly once.
+    """
+    if n < 1 or not 1 <= k <= n:
+        raise ConfigError(f"shard K/N needs 1 <= K <= N, got {k}/{n}")
+    ranked = sorted(range(len(folders)), key=lambda i: (str(Path(folders[i]).resolve()), i))
+    return sorted(i for pos, i in enumerate(ranked) if pos % n == k - 1)
+
+
+def select_shard(folders: list[Path], k: int, n: int) -> list[Path]:
+    """The folders of shard K of N (see `shard_indices`), in their original order."""
+    return [folders[i] for i in shard_indices(folders, k, n)]
+
+
 def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | None = None,
                skip_bad: bool = False, use_cache: bool = True, force: bool = False,
                weights_path: Path | None = None, progress: pipeline.Progress | None = None
@@ -71,6 +105,7 @@ def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | Non
         result.timings.update({f"write_{k}": v for k, v in export.write_all(result, out).items()})
         export.write_manifest(out, pipeline.build_manifest(
             result, folder, t0, {"skipped_files": skipped, "seconds": time.time() - t0}))
+        report.write_report(out)
     except CosegError as exc:
         return FolderOutcome(str(folder), str(out), 0, 0, round(time.time() - t0, 3), "error",
                              str(exc))

@@ -63,6 +63,18 @@ def _knob(help_text: str, field: str, **kw):
                         show_default=False, **kw)
 
 
+def _shard_option(value: Optional[str]) -> Optional[str]:
+    """Validate --shard K/N while parsing, so a malformed value is a usage error (exit 2)."""
+    if value is not None:
+        from .batch import parse_shard
+
+        try:
+            parse_shard(value)
+        except CosegError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 @app.command()
 def run(
     folders: Annotated[Optional[list[Path]], typer.Argument(
@@ -88,6 +100,10 @@ def run(
     json_lines: Annotated[bool, typer.Option(
         "--json", help="One JSON line per folder on stdout; human output on stderr.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    shard: Annotated[Optional[str], typer.Option(
+        metavar="K/N", callback=_shard_option,
+        help="Run only the K-th of N slices of the folder list (folders sorted by path, i-th → "
+        "shard i mod N + 1); output paths are those of the full run.")] = None,
     image_size: Annotated[Optional[int], _knob("Training/inference size (multiple of 32).",
                                                "image_size")] = None,
     epochs: Annotated[Optional[int], _knob("Fine-tuning epochs.", "epochs")] = None,
@@ -114,6 +130,8 @@ def run(
                                                   "max_proposals")] = None,
     work_max_side: Annotated[Optional[int], _knob("Longest side for priors, proposals, "
                                                   "ranking.", "work_max_side")] = None,
+    max_peaks: Annotated[Optional[int], _knob("Peaks back-propagated per image (0 = all).",
+                                              "max_peaks")] = None,
     rank_beta: Annotated[Optional[float], _knob("Ranking β (eq. 7).", "rank_beta")] = None,
     rank_gamma: Annotated[Optional[float], _knob("Ranking γ (eq. 7).", "rank_gamma")] = None,
     nms_iou_thresh: Annotated[Optional[float], _knob("Mask-NMS IoU threshold.",
@@ -143,6 +161,9 @@ def run(
         if not groups:
             raise typer.BadParameter("give at least one FOLDER or --recursive ROOT")
         outs = batch.output_folders(groups, out)
+        if shard is not None:  # outputs keep the full list's paths, so shards can share OUT
+            keep = batch.shard_indices(groups, *batch.parse_shard(shard))
+            groups, outs = [groups[i] for i in keep], [outs[i] for i in keep]
     except CosegError as exc:
         raise fail(exc) from None
     log = err if not quiet else Console(stderr=True, quiet=True)
@@ -265,9 +286,9 @@ def saliency(
     folder: Annotated[Path, typer.Argument(help="Folder of images.", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the maps.")],
     method: Annotated[str, typer.Option(
-        help="Prior method (u2netp is trained on saliency labels; the others are "
-        "unsupervised). Choices: spectral_residual, fine_grained, mbplus, gmr, rbd, fusion, "
-        "u2netp.")] = _FAST.prior,
+        help="Prior method. Unsupervised: spectral_residual, fine_grained, mbplus, gmr, rbd, "
+        "fusion. Trained on saliency labels of other images: u2netp, fusion_u2netp.")]
+    = _FAST.prior,
     npy: Annotated[bool, typer.Option("--npy", help="Also write float32 maps as .npy.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
     = False,
@@ -473,6 +494,57 @@ def weights(
         for msg in problems[:-1]:
             err.print(f"[red]error:[/] {msg}", markup=True, soft_wrap=True)
         raise fail(problems[-1])
+
+
+@app.command()
+def merge(
+    sources: Annotated[list[Path], typer.Argument(
+        help="Output folders of `coseg run` (shards, parallel jobs) or of an earlier merge.",
+        show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged output folder (may be one of "
+                                      "the sources).", show_default=False)],
+    force: Annotated[bool, typer.Option(help="Replace clashing folders instead of refusing.")]
+    = False,
+    link: Annotated[bool, typer.Option("--link/--copy", help="Hard-link files where OUT is on "
+                                       "the same filesystem, else copy.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print OUT/index.json's content.")]
+    = False,
+) -> None:
+    """Merge per-folder results into OUT/<name>; write OUT/index.json (and a combined
+    OUT/instances.json when every folder has the same category)."""
+    from .merge import merge_outputs
+
+    try:
+        report = merge_outputs(sources, out, force=force, link=link)
+    except CosegError as exc:
+        raise fail(exc) from None
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    if as_json:
+        print(json.dumps(report.index))
+        return
+    index = report.index
+    err.print(f"merged {len(index['folders'])} folder(s), {index['images']} images, "
+              f"{index['instances']} instances into {escape(str(out))}: "
+              f"{len(report.added)} added, {len(report.replaced)} replaced, "
+              f"{len(report.identical)} already there"
+              + (" (combined instances.json written)" if report.combined else ""), soft_wrap=True)
+
+
+@app.command("report")
+def report_cmd(
+    out_dir: Annotated[Path, typer.Argument(
+        metavar="OUT", help="Output folder of `coseg run` (holds instances.json and "
+        "manifest.json).", show_default=False)],
+) -> None:
+    """Regenerate OUT/report.html: overlays, scores, score histogram, co-saliency maps, outliers."""
+    from .report import write_report
+
+    try:
+        path = write_report(out_dir)
+    except CosegError as exc:
+        raise fail(exc) from None
+    err.print(f"wrote {escape(str(path))}", soft_wrap=True)
 
 
 def main() -> None:

@@ -31,13 +31,20 @@ class CosegConfig:
     feature_layer: str = "pool5"
     freeze_until: str = "none"  # paper: all layers updated; "conv3_3" freezes conv1_1…conv3_3
     # --- priors and proposals (SVFSal and MCG are unavailable; see saliency.py, proposals.py) ---
-    prior: str = "fusion"  # saliency prior method name (saliency.METHODS)
+    # saliency.METHODS name. "fusion" (spectral residual + MB+) is the best UNSUPERVISED prior
+    # measured by benchmarks/priors.py on coco-dev, 294 images: max F-β 0.185 vs 0.149 for
+    # spectral residual (AUC 0.695 vs 0.688), 0.38 s/img on the shared 2-core CPU.
+    prior: str = "fusion"
     proposal_method: str = "hierarchical"  # proposal source (proposals.METHODS)
-    max_proposals: int = 1000  # cap per image, highest proposal scores kept
+    # Cap per image, highest proposal scores kept. benchmarks/proposals.py, 37 coco-dev images
+    # (1 per category): recall@0.5 0.09 / 0.20 / 0.39 at 100 / 300 / 1000, still rising at
+    # 1000; 1000 masks at 640×480 are ~0.3 GB, within the 2 GB budget.
+    max_proposals: int = 1000
     min_area_frac: float = 2e-5  # deepco3.md: keep 2e-5 ≤ area/image ≤ 0.85
     max_area_frac: float = 0.85
     work_max_side: int = 640  # priors/proposals run with the longer side capped here, mapped back
     # --- stage 2: instance masks ---
+    max_peaks: int = 0  # peaks back-propagated per image, strongest first; 0 = all (paper)
     rank_beta: float = 0.8  # β, paper eq. 7
     rank_gamma: float = 1e-5  # γ, paper eq. 7
     contour_px: int = 5  # paper eq. 7: contour = dilate(P,5×5) XOR erode(P,5×5)
@@ -52,6 +59,8 @@ class CosegConfig:
     def __post_init__(self) -> None:
         _positive_int(self, "image_size", "epochs", "batch_images", "max_proposals",
                       "work_max_side", "contour_px")
+        if self.max_peaks < 0:
+            raise ConfigError(f"max_peaks must be >= 0 (0 = no cap), got {self.max_peaks}")
         if self.image_size % 32 != 0:
             raise ConfigError(f"image_size must be a multiple of 32 (VGG-16 stride), got {self.image_size}")
         if self.batch_images < 2:
@@ -103,6 +112,9 @@ PRESETS: dict[str, CosegConfig] = {
         epochs=5,
         freeze_until="conv3_3",  # halves the backward pass; low-level filters barely move at lr 1e-6
         lr=1e-5,  # fewer epochs need a larger step to move the zero-initialised saliency head
+        # best measured prior overall (benchmarks/priors.py, coco-dev 294 images): max F-β 0.203
+        # vs 0.185 fusion / 0.185 u2netp alone; uses U²-Net-p, TRAINED on saliency labels
+        prior="fusion_u2netp",
     ),
 }
 DEFAULT_PRESET = "fast"

@@ -16,6 +16,7 @@ from PIL import Image
 
 from . import coco
 from .errors import InputError
+from .matches import instance_matches
 from .records import ImageRecord, Instance, RunResult
 from .runtime import atomic_path, atomic_write_json
 
@@ -67,12 +68,16 @@ def instance_colours(n: int) -> np.ndarray:
 
 def render_overlay(image: np.ndarray, instances: list[Instance]) -> np.ndarray:
     """uint8[H,W,3]: the photo with a translucent fill, a contour and a score label per instance."""
-    canvas = image.astype(np.float32)
     colours = instance_colours(len(instances))
     ordered = sorted(instances, key=lambda t: t.rank)
-    for inst, colour in zip(ordered, colours):
-        canvas[inst.mask] = 0.55 * canvas[inst.mask] + 0.45 * colour
-    canvas = canvas.astype(np.uint8)
+    canvas = np.empty_like(image)
+    # Blend a band of rows at a time: a float copy of a 108 Mpx photo alone would take 1.3 GB.
+    for y0, y1 in _row_bands(image.shape):
+        band = image[y0:y1].astype(np.float32)
+        for inst, colour in zip(ordered, colours):
+            m = inst.mask[y0:y1]
+            band[m] = 0.55 * band[m] + 0.45 * colour
+        canvas[y0:y1] = band.astype(np.uint8)
     thickness = max(1, round(max(image.shape[:2]) / 400))
     scale = max(0.35, max(image.shape[:2]) / 1400)
     for inst, colour in zip(ordered, colours):
@@ -102,9 +107,23 @@ def label_map(shape: tuple[int, int], instances: list[Instance]) -> np.ndarray:
 
 
 def heat_map(cosal: np.ndarray) -> np.ndarray:
-    """uint8[H,W,3] RGB heat map (JET) of a [0,1] map."""
-    u8 = np.clip(np.round(cosal * 255), 0, 255).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    """uint8[H,W,3] RGB heat map (JET) of a [0,1] map (computed by bands of rows, so a huge
+    map needs no full-size float temporaries)."""
+    heat = np.empty((*cosal.shape[:2], 3), np.uint8)
+    for y0, y1 in _row_bands(cosal.shape):
+        u8 = np.clip(np.round(cosal[y0:y1] * 255), 0, 255).astype(np.uint8)
+        heat[y0:y1] = cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return heat
+
+
+_BAND_PIXELS = 1 << 22  # 4 Mpx per band: ≤ 100 MB of float temporaries for an RGB band
+
+
+def _row_bands(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(y0, y1) row ranges covering an image of `shape` with about _BAND_PIXELS pixels each."""
+    h, w = int(shape[0]), int(shape[1])
+    rows = max(1, _BAND_PIXELS // max(1, w))
+    return [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
 
 
 def save_image(path: Path, array: np.ndarray, **params: Any) -> None:
@@ -170,6 +189,7 @@ def write_all(result: RunResult, out: Path, *, overlays: bool = True) -> dict[st
             save_image(out / "overlays" / f"{stem}.jpg", render_overlay(rec.image, insts),
                        quality=90)
     t_files = time.perf_counter() - t0
+    atomic_write_json(out / "matches.json", instance_matches(result))
     atomic_write_json(out / "instances.json", instances_coco(result))
     return {"files": t_files, "json": time.perf_counter() - t0 - t_files}
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -50,20 +52,35 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise InputError(f"{name}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            # Pillow's own guard (89 Mpx warning, 179 Mpx error) would reject a 108 Mpx photo
+            # as "not a readable image": MAX_PIXELS below is the limit that applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pillow_pixel_limit(MAX_PIXELS), Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise InputError(f"{name}: {w}x{h} image is larger than {MAX_PIXELS} pixels")
                 img.load()
-                img = ImageOps.exif_transpose(img)
+                ImageOps.exif_transpose(img, in_place=True)  # no full copy when upright
                 return _to_rgb8(img)
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
+        raise InputError(f"{name}: image is larger than {MAX_PIXELS} pixels") from None
+    except UnidentifiedImageError:
         raise InputError(f"{name}: not a readable image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"{name}: corrupt or truncated image ({exc})") from None
+
+
+@contextmanager
+def _pillow_pixel_limit(limit: int) -> Iterator[None]:
+    """Raise Pillow's decompression-bomb limit to at least `limit` while opening one image."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None if saved is None else max(saved, limit)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _to_rgb8(img: Image.Image) -> np.ndarray:
@@ -84,8 +101,20 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return np.ascontiguousarray(rgb)
+    return _rgb_array(img)
+
+
+def _rgb_array(img: Image.Image) -> np.ndarray:
+    """uint8[H,W,3] copy of `img` converted to RGB band by band of rows: converting a 108 Mpx
+    photo whole would briefly hold two more full-size copies (convert, then tobytes)."""
+    w, h = img.size
+    rgb = np.empty((h, w, 3), np.uint8)
+    rows = max(1, (1 << 22) // max(1, w))
+    for y0 in range(0, h, rows):
+        band = img.crop((0, y0, w, min(h, y0 + rows)))
+        rgb[y0:y0 + band.height] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"),
+                                              dtype=np.uint8)
+    return rgb
 
 
 def load_image(path: Path, root: Path | None = None) -> ImageRecord:

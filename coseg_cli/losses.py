@@ -182,5 +182,14 @@ def total_loss(feats: Tensor, logits: Tensor, priors: Tensor, *, lambda_copeak: 
     return total, {"saliency": l_s, "copeak": l_t, "affinity": l_a}
 
 
-__all__ = ["normalize_features", "local_max_4d", "copeak_mask", "saliency_correlation",
-           "copeak_loss", "affinity_loss", "saliency_weights", "saliency_loss", "total_loss"]
+__all__ = [
+    "affinity_loss",
+    "copeak_loss",
+    "copeak_mask",
+    "local_max_4d",
+    "normalize_features",
+    "saliency_correlation",
+    "saliency_loss",
+    "saliency_weights",
+    "total_loss",
+]

@@ -190,5 +190,16 @@ def freeze(model: CoSegNet, until: str) -> list[str]:
     return frozen
 
 
-__all__ = ["CoSegNet", "build_model", "freeze", "preprocess", "resize_prior", "upsample_logits",
-           "vgg16_features", "CONV_LAYERS", "IMAGENET_MEAN", "IMAGENET_STD", "STRIDE"]
+__all__ = [
+    "CONV_LAYERS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "STRIDE",
+    "CoSegNet",
+    "build_model",
+    "freeze",
+    "preprocess",
+    "resize_prior",
+    "upsample_logits",
+    "vgg16_features",
+]

@@ -37,13 +37,16 @@ def find_peaks(logits: Tensor | np.ndarray, *, max_peaks: int | None = None) -> 
         int64[K,2] (row, col) sorted by value descending, then row, then column (deterministic).
 
     Raises:
-        ValueError: if the map is not 2-D or holds NaN/inf (a diverged model, a bug upstream).
+        ValueError: if the map is not 2-D or holds NaN/inf (a diverged model, a bug upstream),
+            or max_peaks < 0.
     """
     if isinstance(logits, Tensor):
         logits = logits.detach().to("cpu", torch.float64).numpy()
     a = np.asarray(logits, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"find_peaks expects a 2-D map, got shape {a.shape}")
+    if max_peaks is not None and max_peaks < 0:
+        raise ValueError(f"find_peaks: max_peaks must be >= 0 or None, got {max_peaks}")
     if a.size == 0:
         return np.zeros((0, 2), np.int64)
     if not np.all(np.isfinite(a)):

@@ -5,10 +5,10 @@ plus the config fields that change it, so a re-run resumes where the last one st
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -18,17 +18,18 @@ import torch.nn.functional as F
 from . import model as model_mod
 from . import peaks as peaks_mod
 from . import proposals as proposals_mod
-from . import ranking, saliency, train, weights
-from .config import CosegConfig
-from .errors import ConfigError
+from . import losses, ranking, saliency, train, weights
+from .config import CosegConfig, preset_config
+from .errors import InputError
+from .images import load_folder
 from .records import ImageRecord, Instance, RunResult
 from .runtime import StageCache, config_key, environment_record, resolve_device, \
-    seed_everything, set_threads
+    seed_everything, set_threads, sha1_bytes
 
 Progress = Callable[[str, int, int], None]
 
 # Bump when a stage's algorithm changes, so old cache entries are not reused.
-CACHE_VERSION = {"prior": 1, "proposals": 1, "instances": 1}
+CACHE_VERSION = {"prior": 1, "proposals": 1, "instances": 2}
 
 
 def work_image(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -99,58 +100,116 @@ def compute_proposals(img: np.ndarray, prior: np.ndarray, sha: str, cfg: CosegCo
         work_max_side=cfg.work_max_side, prior=prior, seed=cfg.seed)
     masks = props.masks
     cache.save("proposals", key, count=np.array(len(masks)),
-               packed=np.packbits(masks.reshape(len(masks), -1), axis=-1))
+               packed=np.packbits(masks.reshape(len(masks), h * w), axis=-1))  # N may be 0
     return masks
 
 
-def image_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
-                     cfg: CosegConfig, device: torch.device, chunk: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Stage 2 for one image at working resolution.
+@dataclass
+class Candidates:
+    """Stage-2 result for one image at working resolution (what the instance cache holds).
 
-    Returns:
-        cosal float32[h,w] in [0,1]; peaks_xy int64[K,2] (x, y) in working px;
-        chosen int64[M] proposal index per kept candidate; scores float32[M] (after NMS),
-        and the kept candidates' peak indices are returned as the 4th item int64[M].
+    Attributes:
+        cosal: float32[h,w] co-saliency in [0,1]. peaks_xy: int64[K,2] (x, y) working px.
+        prop_idx: int64[M] chosen proposal per kept candidate (after NMS), by score descending.
+        scores: float32[M] ranking score R. peak_idx: int64[M] the peak each one came from.
+        embeddings: float32[M,C] unit-norm mean fine-tuned feature inside each mask.
+    """
+
+    cosal: np.ndarray
+    peaks_xy: np.ndarray
+    prop_idx: np.ndarray
+    scores: np.ndarray
+    peak_idx: np.ndarray
+    embeddings: np.ndarray
+
+
+def mask_embeddings(feats: torch.Tensor, masks: np.ndarray) -> np.ndarray:
+    """float32[M,C]: per mask, the unit-norm average of normalised features F̂ over the grid
+    cells it covers (area-weighted), for matching instances across images.
+
+    Args:
+        feats: float[1,C,gh,gw] feature map. masks: bool[M,h,w] at working resolution.
+    """
+    fhat = losses.normalize_features(feats)[0].flatten(1).cpu().numpy()  # [C, gh*gw]
+    gh, gw = feats.shape[-2:]
+    if len(masks) == 0:
+        return np.zeros((0, fhat.shape[0]), np.float32)
+    cover = np.stack([cv2.resize(m.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
+                      for m in masks]).reshape(len(masks), -1)
+    cover /= np.maximum(cover.sum(axis=1, keepdims=True), 1e-12)
+    emb = cover @ fhat.T
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb.astype(np.float32)
+
+
+def image_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
+                     cfg: CosegConfig, device: torch.device, chunk: int) -> Candidates:
+    """Stage 2 for one image: co-saliency, peaks, peak back-propagation, ranking, NMS.
+
+    Args:
+        img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
     """
     h, w = img.shape[:2]
     x = model_mod.preprocess([img], cfg.image_size).to(device)
     with torch.no_grad():
-        _, logits = net(x)
+        feats, logits = net(x)
     cosal = torch.sigmoid(F.interpolate(logits, size=(h, w), mode="bilinear",
                                         align_corners=False))[0, 0].cpu().numpy()
-    peak_rc = peaks_mod.find_peaks(logits[0, 0].cpu())
+    peak_rc = peaks_mod.find_peaks(logits[0, 0].cpu(), max_peaks=cfg.max_peaks or None)
     lh, lw = logits.shape[-2:]
     peaks_xy = np.stack([(peak_rc[:, 1] + 0.5) * w / lw, (peak_rc[:, 0] + 0.5) * h / lh],
                         axis=1).astype(np.int64) if len(peak_rc) else np.zeros((0, 2), np.int64)
-    if len(peak_rc) == 0 or len(masks) == 0:
-        empty = np.zeros(0, np.int64)
-        return cosal.astype(np.float32), peaks_xy, empty, np.zeros(0, np.float32), empty
-    inst_maps = peaks_mod.peak_backprop(net, x, peak_rc, chunk=chunk).cpu().numpy()
-    inst_maps = np.maximum(resize_map(inst_maps, (h, w)), 0.0)
-    scores = ranking.score_proposals_batch(inst_maps, cosal, masks, beta=cfg.rank_beta,
-                                           gamma=cfg.rank_gamma, contour_px=cfg.contour_px)
-    picks = ranking.select_instances(scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
-    peak_idx = np.array([p[0] for p in picks], np.int64)
+    picks: list[tuple[int, int, float]] = []
+    if len(peak_rc) and len(masks):
+        inst_maps = peaks_mod.peak_backprop(net, x, peak_rc, chunk=chunk).cpu().numpy()
+        inst_maps = np.maximum(resize_map(inst_maps, (h, w)), 0.0)
+        scores = ranking.score_proposals_batch(inst_maps, cosal, masks, beta=cfg.rank_beta,
+                                               gamma=cfg.rank_gamma, contour_px=cfg.contour_px)
+        picks = ranking.select_instances(scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
     prop_idx = np.array([p[1] for p in picks], np.int64)
-    sc = np.array([p[2] for p in picks], np.float32)
-    return cosal.astype(np.float32), peaks_xy, prop_idx, sc, peak_idx
+    return Candidates(cosal=cosal.astype(np.float32), peaks_xy=peaks_xy, prop_idx=prop_idx,
+                      scores=np.array([p[2] for p in picks], np.float32),
+                      peak_idx=np.array([p[0] for p in picks], np.int64),
+                      embeddings=mask_embeddings(feats, masks[prop_idx]))
 
 
-def cosegment(records: list[ImageRecord], cfg: CosegConfig, *, cache_dir: Path | None = None,
+def as_records(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str
+               ) -> list[ImageRecord]:
+    """Accept a folder, loaded records, or RGB uint8 arrays (named image_000.png, …)."""
+    if isinstance(images, (str, Path)):
+        return load_folder(Path(images))[0]
+    records = []
+    for i, item in enumerate(images):
+        if isinstance(item, ImageRecord):
+            records.append(item)
+            continue
+        arr = np.asarray(item)
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+            raise InputError(f"image {i}: expected uint8[H,W,3] RGB, got {arr.dtype}{arr.shape}")
+        records.append(ImageRecord(path=Path(f"image_{i:03d}.png"), name=f"image_{i:03d}.png",
+                                   image=arr, sha1=sha1_bytes(arr.tobytes() + str(arr.shape)
+                                                              .encode())))
+    return records
+
+
+def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
+              cfg: CosegConfig | None = None, *, cache_dir: Path | None = None,
               weights_path: Path | None = None, category: str = "object",
-              progress: Progress | None = None, backprop_chunk: int = 8) -> RunResult:
-    """Co-segment a group of images of one category.
+              progress: Progress | None = None, backprop_chunk: int = 4) -> RunResult:
+    """Co-segment a group of images of one category; writes nothing (cache aside).
 
     Args:
-        records: ≥ 2 loaded images (images.load_folder). cfg: the run's frozen config.
+        images: a folder, loaded ImageRecords (images.load_folder) or uint8[H,W,3] RGB arrays;
+            at least 2. cfg: the run's frozen config (default: the default preset).
         cache_dir: stage cache root (None: no caching). weights_path: explicit VGG-16 weights.
 
     Returns:
         RunResult with instances (masks at each image's resolution), co-saliency maps, timings.
     """
+    cfg = cfg if cfg is not None else preset_config()
+    records = as_records(images)
     if len(records) < 2:
-        raise ConfigError("co-segmentation needs at least 2 images")
+        raise InputError(f"co-segmentation needs at least 2 images, got {len(records)}")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -176,48 +235,44 @@ def cosegment(records: list[ImageRecord], cfg: CosegConfig, *, cache_dir: Path |
 
     model_key = train.state_digest(net)  # the fine-tuned weights themselves key stage 2
     t_prop = t_inst = 0.0
-    per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    per_image: list[Candidates] = []
     all_masks: list[np.ndarray] = []
     for i, (img, prior, sha) in enumerate(zip(works, priors, sha1s)):
         t = time.perf_counter()
         masks = compute_proposals(img, prior, sha, cfg, cache)
         t_prop += time.perf_counter() - t
         t = time.perf_counter()
-        key = config_key(model_key, sha, cfg.rank_beta, cfg.rank_gamma, cfg.contour_px,
+        key = config_key(model_key, sha, cfg.max_peaks, cfg.rank_beta, cfg.rank_gamma, cfg.contour_px,
                          cfg.nms_iou_thresh, len(masks), CACHE_VERSION["instances"],
                          cfg.proposal_method, cfg.max_proposals)
         hit = cache.load("instances", key)
         if hit is None:
-            cosal, peaks_xy, prop_idx, sc, peak_idx = image_candidates(
-                net, img, masks, cfg, device, backprop_chunk)
-            cache.save("instances", key, cosal=cosal, peaks_xy=peaks_xy,
-                       prop_idx=prop_idx, scores=sc, peak_idx=peak_idx)
+            cand = image_candidates(net, img, masks, cfg, device, backprop_chunk)
+            cache.save("instances", key, **asdict(cand))
         else:
-            cosal, peaks_xy = hit["cosal"].astype(np.float32), hit["peaks_xy"]
-            prop_idx, sc, peak_idx = hit["prop_idx"], hit["scores"], hit["peak_idx"]
-        per_image.append((cosal, peaks_xy, prop_idx, sc, peak_idx))
-        all_masks.append(masks[prop_idx])
+            cand = Candidates(**hit)
+        per_image.append(cand)
+        all_masks.append(masks[cand.prop_idx])
         t_inst += time.perf_counter() - t
         _notify(progress, "instances", i + 1, len(works))
     timings["proposals"] = t_prop
     timings["instances"] = t_inst
 
     t = time.perf_counter()
-    keep = ranking.noise_filter([p[3] for p in per_image], percentile=cfg.noise_percentile)
+    keep = ranking.noise_filter([c.scores for c in per_image], percentile=cfg.noise_percentile)
     instances: list[Instance] = []
     cosal_full: list[np.ndarray] = []
-    for i, (rec, (cosal, peaks_xy, prop_idx, sc, peak_idx), masks, kept) in enumerate(
-            zip(records, per_image, all_masks, keep)):
+    for i, (rec, cand, masks, kept) in enumerate(zip(records, per_image, all_masks, keep)):
         shape = rec.image.shape[:2]
-        sy, sx = shape[0] / cosal.shape[0], shape[1] / cosal.shape[1]
-        order = [j for j in np.argsort(-sc, kind="stable") if kept[j]]
+        sy, sx = shape[0] / cand.cosal.shape[0], shape[1] / cand.cosal.shape[1]
+        order = [j for j in np.argsort(-cand.scores, kind="stable") if kept[j]]
         for rank, j in enumerate(order, start=1):
-            px, py = peaks_xy[peak_idx[j]]
+            px, py = cand.peaks_xy[cand.peak_idx[j]]
             instances.append(Instance(
-                image_index=i, mask=upscale_mask(masks[j], shape), score=float(sc[j]),
+                image_index=i, mask=upscale_mask(masks[j], shape), score=float(cand.scores[j]),
                 peak_xy=(min(int(px * sx), shape[1] - 1), min(int(py * sy), shape[0] - 1)),
-                rank=rank))
-        cosal_full.append(np.clip(resize_map(cosal, shape, cv2.INTER_LINEAR), 0.0, 1.0))
+                rank=rank, embedding=cand.embeddings[j]))
+        cosal_full.append(np.clip(resize_map(cand.cosal, shape, cv2.INTER_LINEAR), 0.0, 1.0))
     timings["select"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
@@ -227,7 +282,7 @@ def cosegment(records: list[ImageRecord], cfg: CosegConfig, *, cache_dir: Path |
         info={"weights": asdict(winfo), "prior": cfg.prior,
               "prior_trained": saliency.get_method(cfg.prior).trained,
               "cache_hits": dict(cache.hits), "train": asdict(report)},
-        peaks=[p[1] for p in per_image])
+        peaks=[c.peaks_xy for c in per_image])
 
 
 def build_manifest(result: RunResult, folder: Path, started_at: float,
@@ -248,7 +303,9 @@ def build_manifest(result: RunResult, folder: Path, started_at: float,
         **result.info,
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "counts": {"images": len(result.images), "instances": len(result.instances),
-                   "instances_per_image": per_image},
+                   "instances_per_image": per_image,
+                   # for the report's outlier check (the PNGs hold only 8-bit JET colours)
+                   "cosaliency_mean": [round(float(np.mean(c)), 6) for c in result.cosaliency]},
         "started_at": datetime.fromtimestamp(started_at, timezone.utc).isoformat(),
         **(extra or {}),
     }

@@ -18,14 +18,16 @@ Every candidate is a union of *atoms*, the cells of the overlay of all base segm
 areas, duplicates and overlaps are computed on small membership matrices instead of pixel masks.
 Only the kept proposals are painted at the image's resolution (nearest-neighbour).
 
-Score (higher first). Selective search has no objectness score; it orders candidates by their
-hierarchy level times a random factor. We use the *stability* of a region in its hierarchy instead:
-the similarity at which it was formed minus the similarity at which it is absorbed into a larger
-region (the region persists over a wide range of merging thresholds when its inside is coherent
-and its boundary strong — the same idea as the ultrametric-contour strength behind MCG). Base
-regions use 1 as their formation similarity. A seeded jitter breaks ties reproducibly. With a prior,
-the score is multiplied by ``0.5 + (mean prior inside − mean prior in a ring around)`` clipped to
-[0.1, 1.5], so salient, contrasted candidates come first.
+Score (higher first): a weighted-sampling key u^(1/w) (Efraimidis–Spirakis, u uniform from a
+seeded generator) with weight w = size prior × (stability + 0.05) × (boundary edge strength + 0.2).
+*Stability* is the similarity at which a region was formed minus the similarity at which it is
+absorbed into a larger one (a region that persists over a wide range of merging thresholds has a
+coherent inside and a strong boundary, the idea behind MCG's ultrametric contours); base regions
+are formed at 1, groupings at 0. *Edge strength* is the mean Lab gradient along the candidate's
+boundary. The size prior downweights tiny (< 0.1 % of the image) and huge (> 10 %) candidates.
+Sorting by the key draws the top-k as a weighted sample without replacement; deterministic
+orderings by any of these cues filled the top-k with near-identical small regions and recalled
+fewer objects (numbers in `_score`).
 """
 
 from __future__ import annotations
@@ -61,12 +63,15 @@ _ORIENT_BINS = 8  # selective search: 8 derivative orientations ...
 _MAG_BINS = 4  # ... here × 4 log-magnitude bins per channel (SS uses 10 value bins)
 _GROUP_CUTS = (8, 16)  # region counts of the hierarchy cuts whose adjacent pairs/triples are kept
 _PRIOR_LEVELS = (0.2, 0.35, 0.5, 0.65, 0.8)
-_DEDUP_IOU_THRESH = 0.95
+_DEDUP_IOU_THRESH = 0.95  # near-duplicates (issue 4); the selection below is stricter
+_DIVERSITY_IOU_THRESH = 0.95
 _MIN_WORK_PIXELS = 16
 # Size prior (see _area_weight): weight at log10(area / image) knots.
 _AREA_LOG10 = (-5.0, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0)
 _AREA_WEIGHT = (0.01, 0.02, 0.2, 0.6, 1.0, 1.0, 1.0, 0.6, 0.2, 0.05)
-_NEAR_DUP_POOL = 3  # near-duplicates are searched among the best 3 × max_proposals candidates
+_MAX_MASK_BYTES = 1 << 30  # cap on N·H·W of the returned masks (1 GiB; 12 MP photos keep ≤ 89)
+_PRIOR_STABILITY = 0.2
+_NEAR_DUP_POOL = 6  # near-duplicates are searched among the best 6 × max_proposals candidates
 
 
 @dataclass
@@ -77,7 +82,6 @@ class _Candidates:
     areas: np.ndarray  # float32[N] pixels at work resolution
     boxes_xyxy: np.ndarray  # float32[N, 4] at work resolution, inclusive max
     stability: np.ndarray  # float32[N] formation minus absorption similarity
-    contrast: np.ndarray  # float32[N] prior inside minus prior around (0 without a prior)
     sources: list[str]
     edge: np.ndarray | None = None  # float32[N] mean edge strength along the boundary
     level: np.ndarray | None = None  # float32[N] merge step / (K-1); 0 for base regions
@@ -333,13 +337,12 @@ def _atoms(label_maps: Sequence[np.ndarray]) -> tuple[np.ndarray, int, list[np.n
     return key.reshape(label_maps[0].shape), num, lookups
 
 
-def _hierarchical(work: np.ndarray, prior: np.ndarray | None,
-                  strategies: Sequence[_Strategy] = HIERARCHICAL_STRATEGIES
+def _hierarchical(work: np.ndarray, strategies: Sequence[_Strategy] = HIERARCHICAL_STRATEGIES
                   ) -> tuple[np.ndarray, _Candidates]:
     """Selective-search hierarchies + cut groupings as candidates over atoms.
 
     Args:
-        work: uint8[h,w,3] RGB working image. prior: float32[h,w] in [0,1] or None.
+        work: uint8[h,w,3] RGB working image.
     """
     h, w = work.shape[:2]
     segs: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -349,7 +352,7 @@ def _hierarchical(work: np.ndarray, prior: np.ndarray | None,
             segs[(space, k)] = (_graph_segment(img, k), img)
     keys = list(segs)
     atom_map, _, lookups = _atoms([segs[key][0] for key in keys])
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]] = []
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]] = []
     levels: list[np.ndarray] = []
     strat: list[np.ndarray] = []
     edge_parts: list[np.ndarray] = []
@@ -363,18 +366,16 @@ def _hierarchical(work: np.ndarray, prior: np.ndarray | None,
         lookup = lookups[keys.index((space, k))]
         level = np.zeros(hier.members.shape[0], np.float32)
         level[num:] = np.arange(1, hier.members.shape[0] - num + 1) / max(num - 1, 1)
-        contrast = _region_contrast(prior, labels, size, edges, hier.members, hier.group_members)
         edge_parts.append(_boundary_strength(labels, grad, num, hier.members, hier.group_members))
         g = hier.group_members.shape[0]
-        parts.append((hier.members[:, lookup], hier.areas, hier.boxes, hier.stability,
-                      contrast[:hier.members.shape[0]], "hier"))
+        parts.append((hier.members[:, lookup], hier.areas, hier.boxes, hier.stability, "hier"))
         levels.append(level)
         strat.append(np.full(level.size + g, si))
         if g:
             # Groupings were never formed by the greedy order: give them the stability of a
             # region formed and absorbed at the cut (0), below every region that persisted.
             parts.append((hier.group_members[:, lookup], hier.group_areas, hier.group_boxes,
-                          np.zeros(g, np.float32), contrast[hier.members.shape[0]:], "group"))
+                          np.zeros(g, np.float32), "group"))
             levels.append(np.full(g, -1.0, np.float32))
     members = np.concatenate([p[0] for p in parts])
     cand = _Candidates(
@@ -382,8 +383,7 @@ def _hierarchical(work: np.ndarray, prior: np.ndarray | None,
         areas=np.concatenate([p[1] for p in parts]).astype(np.float32),
         boxes_xyxy=np.concatenate([p[2] for p in parts]).astype(np.float32),
         stability=np.concatenate([p[3] for p in parts]).astype(np.float32),
-        contrast=np.concatenate([p[4] for p in parts]).astype(np.float32),
-        sources=[tag for p in parts for tag in [p[5]] * p[0].shape[0]],
+        sources=[tag for p in parts for tag in [p[4]] * p[0].shape[0]],
         edge=np.concatenate(edge_parts).astype(np.float32),
         level=np.concatenate(levels).astype(np.float32),
         strategy=np.concatenate(strat),
@@ -438,43 +438,17 @@ def _boundary_strength(labels: np.ndarray, grad: np.ndarray, num: int,
     return out
 
 
-def _region_contrast(prior: np.ndarray | None, labels: np.ndarray, size: np.ndarray,
-                     edges: np.ndarray, *member_sets: np.ndarray) -> np.ndarray:
-    """Mean prior inside each candidate minus the mean over the base regions touching it.
-
-    Args:
-        prior: float32[h,w] or None (→ zeros). labels: int32[h,w] base regions (K).
-        size: float[K]. edges: int64[E,2] adjacent base regions. member_sets: bool[R_i,K].
-
-    Returns:
-        float32[ΣR_i] in [-1, 1].
-    """
-    members = np.concatenate(member_sets)
-    if prior is None:
-        return np.zeros(members.shape[0], np.float32)
-    num = size.shape[0]
-    mass = np.bincount(labels.ravel(), weights=prior.ravel(), minlength=num)
-    adj = np.zeros((num, num), np.float32)
-    adj[edges[:, 0], edges[:, 1]] = 1.0
-    adj[edges[:, 1], edges[:, 0]] = 1.0
-    mf = members.astype(np.float32)
-    inside = (mf @ mass) / np.maximum(mf @ size, 1)
-    ring = ((mf @ adj) > 0) & ~members
-    rf = ring.astype(np.float32)
-    ring_size = rf @ size
-    around = np.where(ring_size > 0, (rf @ mass) / np.maximum(ring_size, 1), 0.0)
-    return (inside - around).astype(np.float32)
-
-
-def _prior_candidates(prior: np.ndarray, atom_map: np.ndarray, atom_area: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _prior_candidates(prior: np.ndarray, atom_map: np.ndarray, atom_area: np.ndarray,
+                      grad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Prior thresholded at several levels, whole and per connected component, snapped to atoms.
 
     Args:
         prior: float32[h,w] at work resolution. atom_map: int64[h,w]. atom_area: float32[A].
+        grad: float32[h,w] edge map (_edge_map).
 
     Returns:
-        members bool[P,A], areas float32[P], boxes float32[P,4], contrast float32[P].
+        members bool[P,A], areas float32[P], boxes float32[P,4], edge float32[P] (mean edge
+        strength on the mask's inner boundary).
     """
     lo, hi = float(prior.min()), float(prior.max())
     num = atom_area.size
@@ -496,15 +470,17 @@ def _prior_candidates(prior: np.ndarray, atom_map: np.ndarray, atom_area: np.nda
     snapped = np.take(members, atom_map, axis=1)
     areas = snapped.reshape(len(masks), -1).sum(1).astype(np.float32)
     boxes = np.zeros((len(masks), 4), np.float32)
-    contrast = np.zeros(len(masks), np.float32)
+    edge = np.zeros(len(masks), np.float32)
+    kernel = np.ones((3, 3), np.uint8)
     for i, m in enumerate(snapped):
         if areas[i] == 0:
             continue
-        x, y, bw, bh = cv2.boundingRect(m.astype(np.uint8))
+        m8 = m.astype(np.uint8)
+        x, y, bw, bh = cv2.boundingRect(m8)
         boxes[i] = (x, y, x + bw - 1, y + bh - 1)
-        ring = cv2.dilate(m.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & ~m
-        contrast[i] = float(p[m].mean() - (p[ring].mean() if ring.any() else 0.0))
-    return members, areas, boxes, contrast
+        rim = m & ~cv2.erode(m8, kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+        edge[i] = float(grad[rim].mean()) if rim.any() else 0.0
+    return members, areas, boxes, edge
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -525,23 +501,26 @@ def _hierarchical_method(image: np.ndarray, *, max_proposals: int, min_area_frac
             raise ConfigError(f"prior must be float32[{height},{width}], got {prior.shape}")
         prior_work = cv2.resize(np.nan_to_num(prior), (w, h), interpolation=cv2.INTER_AREA)
         prior_work = np.clip(prior_work, 0.0, 1.0)
-    atom_map, cand = _hierarchical(work, prior_work)
+    atom_map, cand = _hierarchical(work)
     num_atoms = int(atom_map.max()) + 1
     atom_area = np.bincount(atom_map.ravel(), minlength=num_atoms).astype(np.float32)
     if prior_work is not None:
-        pm, pa, pb, pc = _prior_candidates(prior_work, atom_map, atom_area)
-        cand = _Candidates(np.concatenate([cand.members, pm]),
-                           np.concatenate([cand.areas, pa]),
-                           np.concatenate([cand.boxes_xyxy, pb]),
-                           np.concatenate([cand.stability, np.zeros(len(pa), np.float32)]),
-                           np.concatenate([cand.contrast, pc]),
-                           cand.sources + ["saliency"] * len(pa))
+        pm, pa, pb, pe = _prior_candidates(prior_work, atom_map, atom_area, _edge_map(work))
+        n = len(pa)
+        cand = _Candidates(
+            np.concatenate([cand.members, pm]), np.concatenate([cand.areas, pa]),
+            np.concatenate([cand.boxes_xyxy, pb]),
+            # A prior mask gets the stability of a clearly persistent region (~90th percentile)
+            np.concatenate([cand.stability, np.full(n, _PRIOR_STABILITY, np.float32)]),
+            cand.sources + ["saliency"] * n,
+            edge=np.concatenate([cand.edge, pe]) if cand.edge is not None else None,
+            level=None, strategy=None)
 
     frac = cand.areas / float(h * w)
     keep = np.flatnonzero((frac >= min_area_frac) & (frac <= max_area_frac))
     if keep.size == 0:
         return _empty(height, width)
-    score = _score(cand, float(h * w), prior_work is not None, seed)[keep]
+    score = _score(cand, float(h * w), seed)[keep]
     # Best first; exact duplicates (the same atoms from several strategies) keep the best copy.
     order = keep[np.lexsort((keep, -score))]
     members = cand.members[order]
@@ -551,10 +530,13 @@ def _hierarchical_method(image: np.ndarray, *, max_proposals: int, min_area_frac
     first = np.sort(first)[:_NEAR_DUP_POOL * max_proposals]
     order = order[first]
     members = members[first]
-    kept = _dedup(members, cand.areas[order], cand.boxes_xyxy[order], atom_area, max_proposals)
+    # Masks are returned at full resolution (bool[N,H,W]): bound their memory on huge images.
+    max_keep = max(1, min(max_proposals, _MAX_MASK_BYTES // (height * width)))
+    kept = _dedup(members, cand.areas[order], cand.boxes_xyxy[order], atom_area, max_keep,
+                  _DIVERSITY_IOU_THRESH)
     idx = order[kept]
     members = members[kept]
-    scores = _score(cand, float(h * w), prior_work is not None, seed)[idx]
+    scores = _score(cand, float(h * w), seed)[idx]
     sources = [cand.sources[i] for i in idx.tolist()]
     if (h, w) != (height, width):
         atom_map = cv2.resize(atom_map.astype(np.int32), (width, height),
@@ -574,27 +556,26 @@ def _area_weight(area_frac: np.ndarray) -> np.ndarray:
     return np.interp(log_frac, _AREA_LOG10, _AREA_WEIGHT)
 
 
-def _score(cand: _Candidates, num_pixels: float, with_prior: bool, seed: int) -> np.ndarray:
+def _score(cand: _Candidates, num_pixels: float, seed: int) -> np.ndarray:
     """Weighted-sampling keys u^(1/w) in (0, 1] (Efraimidis–Spirakis) → float32[N].
 
-    The weight w = size prior × (stability + 0.05) × (boundary edge strength + 0.2)
-    [× prior contrast]. Sorting by the key draws the top-k as a weighted random sample without
+    The weight w = size prior × (stability + 0.05) × (boundary edge strength + 0.2). Sorting by the key draws the top-k as a weighted random sample without
     replacement: deterministic objectness scores alone filled the top-k with near-identical
     small regions (recall@0.5 at 1000: 0.23 by stability, 0.24 by edge strength, 0.41 uniform
-    random, 0.49 with these keys; 20 images, before near-duplicate removal).
+    random, 0.49 with these keys; 20 images, before near-duplicate removal). Weighting w by the
+    prior's contrast (inside minus around) did not help there (0.47–0.50 → 0.34–0.47 with a
+    U²-Net-p prior): coco-dev instances are often small, non-salient members of a group.
     """
     rng = np.random.default_rng(seed)
     u = rng.random(cand.stability.shape[0])
     edge = cand.edge if cand.edge is not None else np.zeros_like(cand.stability)
     weight = (_area_weight(cand.areas / num_pixels) * (np.clip(cand.stability, 0.0, None) + 0.05)
               * (edge + 0.2))
-    if with_prior:
-        weight = weight * np.clip(0.5 + cand.contrast, 0.05, 1.5)
     return np.power(u, 1.0 / np.maximum(weight, 1e-6)).astype(np.float32)
 
 
 def _dedup(members: np.ndarray, area: np.ndarray, boxes: np.ndarray, atom_area: np.ndarray,
-           max_keep: int) -> np.ndarray:
+           max_keep: int, iou_thresh: float = _DEDUP_IOU_THRESH) -> np.ndarray:
     """Greedy removal of near-duplicates (mask IoU > 0.95) from candidates sorted best first.
 
     Two masks with IoU > 0.95 have areas within 5% of each other and near-identical boxes, so only
@@ -610,7 +591,7 @@ def _dedup(members: np.ndarray, area: np.ndarray, boxes: np.ndarray, atom_area: 
     n = area.shape[0]
     by_area = np.argsort(area, kind="stable")
     sorted_area = area[by_area]
-    hi = np.searchsorted(sorted_area, sorted_area / _DEDUP_IOU_THRESH, side="right")
+    hi = np.searchsorted(sorted_area, sorted_area / iou_thresh, side="right")
     counts = hi - np.arange(n) - 1
     ii = np.repeat(np.arange(n), counts)
     offs = np.arange(ii.size) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -621,16 +602,24 @@ def _dedup(members: np.ndarray, area: np.ndarray, boxes: np.ndarray, atom_area: 
     inter_box = np.clip(iw, 0, None) * np.clip(ih, 0, None)
     area_a = (ba[:, 2] - ba[:, 0] + 1) * (ba[:, 3] - ba[:, 1] + 1)
     area_b = (bb[:, 2] - bb[:, 0] + 1) * (bb[:, 3] - bb[:, 1] + 1)
-    close = inter_box >= 0.8 * (area_a + area_b - inter_box)
+    close = inter_box >= (iou_thresh - 0.15) * (area_a + area_b - inter_box)
     a, b = a[close], b[close]
     suppressed = np.zeros(n, bool)
     if a.size:
         # Exact IoU on atoms via sparse rows: |A ∩ B| = Σ_atoms a·b·area
         rows = sparse.csr_matrix(members, dtype=np.float32)
         weighted = rows @ sparse.diags(atom_area)
-        inter = np.asarray(rows[a].multiply(weighted[b]).sum(1)).ravel()
+        inter = np.empty(a.size, np.float32)
+        nnz = np.diff(rows.indptr)
+        start = 0
+        while start < a.size:  # chunks of ≤ ~4M stored atoms keep memory flat
+            cum = np.cumsum(nnz[a[start:start + 65536]])
+            stop = start + max(1, int(np.searchsorted(cum, 4_000_000)))
+            sa, sb = a[start:stop], b[start:stop]
+            inter[start:stop] = np.asarray(rows[sa].multiply(weighted[sb]).sum(1)).ravel()
+            start = stop
         iou = inter / (area[a] + area[b] - inter)
-        dup = iou > _DEDUP_IOU_THRESH
+        dup = iou > iou_thresh
         better, worse = np.minimum(a[dup], b[dup]), np.maximum(a[dup], b[dup])  # index = rank
         for p in np.argsort(better, kind="stable").tolist():
             if not suppressed[better[p]]:
@@ -664,11 +653,12 @@ def generate_proposals(image: np.ndarray, *, method: str = "hierarchical",
     Args:
         image: uint8[H,W,3] RGB (uint8[H,W] grayscale is accepted).
         method: a key of METHODS.
-        max_proposals: keep at most this many, highest scores first.
+        max_proposals: keep at most this many, highest scores first (fewer on huge images: the
+            returned masks are bounded to 1 GiB, e.g. ≤ 89 proposals for a 12-megapixel photo).
         min_area_frac, max_area_frac: keep proposals with area/image in this closed range.
         work_max_side: grouping runs with the longer side capped here; masks are mapped back.
-        prior: optional float32[H,W] saliency map in [0,1]; adds thresholded-prior candidates and
-            weights scores by prior contrast.
+        prior: optional float32[H,W] saliency map in [0,1]; adds thresholded-prior candidates
+            (each level whole and per connected component, snapped to image atoms).
         seed: seeds the tie-breaking jitter (same input and seed → same output).
 
     Returns:

@@ -68,6 +68,7 @@ class Instance:
         image_index: index into RunResult.images. mask: bool[H,W] at image resolution.
         score: ranking score R (eq. 7). peak_xy: (x, y) of its co-saliency peak in image pixels.
         rank: 1-based rank by score within its image.
+        embedding: float32[C] unit-norm fine-tuned feature of the instance (for matches.json).
     """
 
     image_index: int
@@ -75,6 +76,7 @@ class Instance:
     score: float
     peak_xy: tuple[int, int]
     rank: int
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

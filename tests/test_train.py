@@ -7,13 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import blob_image
 
 from coseg_cli import model as M
 from coseg_cli import train as T
 from coseg_cli.config import CosegConfig
 from coseg_cli.errors import TrainingError
-
-from conftest import blob_image
 
 TINY = CosegConfig(image_size=64, epochs=1, batch_images=4, lr=1e-4, device="cpu")
 
@@ -33,7 +32,7 @@ def test_make_batches_cover_every_image_with_even_sizes():
     gen = torch.Generator().manual_seed(0)
     batches = T.make_batches(7, 6, gen)
     assert [len(b) for b in batches] == [6, 2]
-    assert sorted(set(sum(batches, []))) == list(range(7))
+    assert sorted({i for b in batches for i in b}) == list(range(7))
     assert batches[1][0] != batches[1][1]  # borrowed image differs from the lone one
     b3 = T.make_batches(3, 6, gen)[0]  # no outside image: duplicate, never paired with itself
     assert len(b3) == 4 and all(b3[i] != b3[i + 2] for i in range(2))
