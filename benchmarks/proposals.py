@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{k:>6} {row['recall@0.5']:7.3f} {row['recall@0.7']:7.3f} {row['abo']:7.3f} "
               f"{cat_r:9.3f}")
-    summary = {"images": len(wall), "instances": int(len(allov)), "categories": len(cats),
+    summary = {"images": len(wall), "instances": len(allov), "categories": len(cats),
                "prior": args.prior, "method": args.method, "max_proposals": args.max_proposals,
                "work_max_side": args.work_max_side, "rows": rows,
                "mean_proposals": float(np.mean(counts)) if counts else 0.0,

@@ -93,6 +93,7 @@ def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | Non
     is a bug and propagates."""
     t0 = time.time()
     folder, out = Path(folder), Path(out)
+    created = not out.exists()
     try:
         export.check_writable(out)
         records, skipped = images.load_folder(folder, skip_bad=skip_bad)
@@ -107,6 +108,11 @@ def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | Non
             result, folder, t0, {"skipped_files": skipped, "seconds": time.time() - t0}))
         report.write_report(out)
     except CosegError as exc:
+        if created:  # a folder that failed before writing anything leaves no empty OUT behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass  # not empty: keeps its cache, so a re-run resumes
         return FolderOutcome(str(folder), str(out), 0, 0, round(time.time() - t0, 3), "error",
                              str(exc))
     return FolderOutcome(str(folder), str(out), len(records), len(result.instances),

@@ -13,8 +13,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .config import DEFAULT_PRESET, FEATURE_LAYERS, FREEZE_CHOICES, PRESETS, CosegConfig, \
-    preset_config
+from .config import (
+    DEFAULT_PRESET,
+    FEATURE_LAYERS,
+    FREEZE_CHOICES,
+    PRESETS,
+    CosegConfig,
+    preset_config,
+)
 from .errors import CosegError, InputError
 
 app = typer.Typer(
@@ -110,6 +116,8 @@ def run(
     batch_images: Annotated[Optional[int], _knob("Images per piecewise batch.",
                                                  "batch_images")] = None,
     lr: Annotated[Optional[float], _knob("Adam learning rate.", "lr")] = None,
+    head_lr: Annotated[Optional[float], _knob("Adam learning rate of the saliency head "
+                                              "(0 = same as --lr).", "head_lr")] = None,
     weight_decay: Annotated[Optional[float], _knob("Adam weight decay.", "weight_decay")] = None,
     lambda_copeak: Annotated[Optional[float], _knob("Co-peak loss weight λ_t.",
                                                     "lambda_copeak")] = None,
@@ -204,8 +212,13 @@ class _progress:
     """Context manager mapping the library's progress(stage, done, total) to a Rich bar."""
 
     def __init__(self, console: Console, disable: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.bar = Progress(TextColumn("{task.description:>10}"), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(), console=console,
@@ -384,8 +397,13 @@ def proposals(
     """Compute the mask proposals of every image of a folder: OUT/proposals.json (COCO, RLE)."""
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from . import images as images_mod
     from . import proposals as prop_mod
@@ -469,7 +487,7 @@ def weights(
 
         if prepare:
             try:
-                path = u2netp.ensure_u2netp(allow_download=not vgg_weights.offline_requested())
+                path = u2netp.ensure_u2netp()
                 report["u2netp"] = {**u2netp.u2netp_status(), "path": str(path)}
             except CosegError as exc:
                 problems.append(f"U²-Net-p: {exc}")
@@ -548,11 +566,33 @@ def report_cmd(
 
 
 def main() -> None:
+    """Entry point. Ctrl-C (SIGINT) or a scheduler's SIGTERM (Slurm's scancel / time limit)
+    stops cleanly: temp files are removed, finished folders and cached stages are kept, one
+    `error:` line is printed and the exit code is 128 + the signal number (130, 143). Typer turns
+    the KeyboardInterrupt into a silent exit 130, so the signal is recorded here; a second
+    signal during clean-up kills the process at once."""
+    import signal
+
+    received: list[int] = []
+
+    def _stop(signum: int, _frame: object) -> None:
+        received.append(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]")
-        sys.exit(130)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and not received:
+            raise
+        signum = received[0] if received else int(signal.SIGINT)
+        err.print(f"[red]error:[/] interrupted ({signal.Signals(signum).name}); finished "
+                  "folders and cached stages are kept: run the same command again to resume",
+                  soft_wrap=True)
+        sys.exit(128 + signum)
 
 
 __all__ = ["app", "main", "Path"]

@@ -80,8 +80,14 @@ def read_result(folder: Path, name: str | None = None) -> ResultFolder:
         raise InputError(f"{folder / 'instances.json'} is not a COCO dataset dict")
     cats = [c.get("name") for c in data.get("categories", []) if isinstance(c, dict)]
     category = str(cats[0]) if len(cats) == 1 and cats[0] else folder.resolve().name
-    return ResultFolder(name or category, folder, category, len(data["images"]),
+    return ResultFolder(name or _safe_name(category), folder, category, len(data["images"]),
                         len(data["annotations"]))
+
+
+def _safe_name(category: str) -> str:
+    """A category as one visible folder name: no separators, no "..", no leading dot."""
+    name = category.replace("/", "_").replace("\\", "_").strip().lstrip(".")
+    return name or "object"
 
 
 def find_results(source: Path) -> tuple[list[ResultFolder], list[str]]:
@@ -125,7 +131,7 @@ def result_files(folder: Path) -> list[str]:
                              and not (rel == Path(".") and d in SKIPPED_DIRS))
         files += [(rel / f).as_posix() for f in sorted(filenames)
                   if not f.startswith(".") and not f.endswith(".part")]
-    return files
+    return sorted(files)
 
 
 def same_result(a: Path, b: Path) -> bool:

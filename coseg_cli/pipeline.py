@@ -5,31 +5,39 @@ plus the config fields that change it, so a re-run resumes where the last one st
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import losses, ranking, saliency, train, weights
 from . import model as model_mod
 from . import peaks as peaks_mod
 from . import proposals as proposals_mod
-from . import losses, ranking, saliency, train, weights
 from .config import CosegConfig, preset_config
 from .errors import InputError
 from .images import load_folder
 from .records import ImageRecord, Instance, RunResult
-from .runtime import StageCache, config_key, environment_record, resolve_device, \
-    seed_everything, set_threads, sha1_bytes
+from .runtime import (
+    StageCache,
+    config_key,
+    environment_record,
+    resolve_device,
+    seed_everything,
+    set_threads,
+    sha1_bytes,
+)
 
 Progress = Callable[[str, int, int], None]
 
 # Bump when a stage's algorithm changes, so old cache entries are not reused.
-CACHE_VERSION = {"prior": 1, "proposals": 1, "instances": 2}
+CACHE_VERSION = {"prior": 1, "proposals": 2, "instances": 2}
 
 
 def work_image(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -272,7 +280,8 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
                 image_index=i, mask=upscale_mask(masks[j], shape), score=float(cand.scores[j]),
                 peak_xy=(min(int(px * sx), shape[1] - 1), min(int(py * sy), shape[0] - 1)),
                 rank=rank, embedding=cand.embeddings[j]))
-        cosal_full.append(np.clip(resize_map(cand.cosal, shape, cv2.INTER_LINEAR), 0.0, 1.0))
+        full = resize_map(cand.cosal, shape, cv2.INTER_LINEAR)  # clipped in place: 4 B/px
+        cosal_full.append(np.clip(full, 0.0, 1.0, out=None if full is cand.cosal else full))
     timings["select"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
@@ -306,6 +315,6 @@ def build_manifest(result: RunResult, folder: Path, started_at: float,
                    "instances_per_image": per_image,
                    # for the report's outlier check (the PNGs hold only 8-bit JET colours)
                    "cosaliency_mean": [round(float(np.mean(c)), 6) for c in result.cosaliency]},
-        "started_at": datetime.fromtimestamp(started_at, timezone.utc).isoformat(),
+        "started_at": datetime.fromtimestamp(started_at, UTC).isoformat(),
         **(extra or {}),
     }

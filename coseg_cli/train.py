@@ -22,7 +22,7 @@ from .runtime import atomic_path, config_key
 Progress = Callable[[str, int, int, dict[str, float]], None]
 LOSS_TERMS = ("total", "saliency", "copeak", "affinity")
 # Config fields that change the fine-tuned weights (device and threads only change rounding).
-TRAIN_FIELDS = ("image_size", "epochs", "batch_images", "lr", "weight_decay", "lambda_copeak",
+TRAIN_FIELDS = ("image_size", "epochs", "batch_images", "lr", "head_lr", "weight_decay", "lambda_copeak",
                 "lambda_affinity", "affinity_alpha", "feature_layer", "freeze_until", "seed")
 CACHE_FORMAT = 1
 
@@ -106,12 +106,16 @@ def finetune(
     p_all = torch.stack([resize_prior(p, size) for p in priors])[:, None]
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(dev).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    head = [p for p in model.saliency.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    if not head and not body:
         raise TrainingError("every layer is frozen; nothing to fine-tune")
+    groups = [g for g in ({"params": body, "lr": cfg.lr},
+                          {"params": head, "lr": cfg.head_lr or cfg.lr}) if g["params"]]
     # fused: one kernel over all tensors; measured 0.05 s vs 0.46 s per step (foreach 0.9 s) for
     # VGG-16's 14.7M parameters on this 2-core CPU.
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                            fused=True)
     num_batches = math.ceil(len(images) / cfg.batch_images)
     total_steps = num_batches * cfg.epochs

