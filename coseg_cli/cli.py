@@ -314,14 +314,7 @@ def saliency(
     """Compute the saliency prior of every image of a folder: OUT/<stem>.png (8-bit)."""
     import time
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
+    from . import export
     from . import images as images_mod
     from . import saliency as sal_mod
 
@@ -334,17 +327,14 @@ def saliency(
     except CosegError as exc:
         raise fail(exc) from None
     for msg in skipped:
-        err.print(f"[yellow]skipped:[/] {msg}", soft_wrap=True)
+        err.print(f"[yellow]skipped:[/] {escape(msg)}", soft_wrap=True)
     t0 = time.perf_counter()
-    bar = Progress(TextColumn("saliency"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=err, transient=True)
     try:
-        with bar:
-            task = bar.add_task("saliency", total=len(records))
-            for rec in records:
+        with _progress(err, disable=False) as progress:
+            for i, rec in enumerate(records):
                 sal = sal_mod.compute_saliency(rec.image, method, work_max_side=work_max_side)
-                _write_saliency_map(out_dir, rec.stem, sal, npy=npy)
-                bar.advance(task)
+                export.write_prior_map(out_dir, rec.stem, sal, npy=npy)
+                progress("saliency", i + 1, len(records))
     except CosegError as exc:
         raise fail(exc) from None
     seconds = time.perf_counter() - t0
@@ -356,23 +346,6 @@ def saliency(
         kind = "trained on saliency labels" if entry.trained else "unsupervised"
         err.print(f"wrote {len(records)} map(s) to {out_dir} ({method}, {kind}, "
                   f"{seconds:.1f} s)")
-
-
-def _write_saliency_map(out_dir: Path, stem: str, sal, *, npy: bool) -> None:
-    """Write float32[H,W] map `sal` as OUT/<stem>.png (8-bit) and optionally .npy, atomically.
-    (Private here until export.py grows a writer for priors.)"""
-    import numpy as np
-    from PIL import Image
-
-    from .runtime import atomic_path
-
-    png = out_dir / f"{stem}.png"
-    with atomic_path(png) as tmp:
-        Image.fromarray(np.clip(np.round(sal * 255.0), 0, 255).astype(np.uint8)).save(
-            tmp, format="PNG")
-    if npy:
-        with atomic_path(out_dir / f"{stem}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, sal.astype(np.float32))
 
 
 @app.command()
@@ -397,14 +370,6 @@ def proposals(
     """Compute the mask proposals of every image of a folder: OUT/proposals.json (COCO, RLE)."""
     import time
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     from . import images as images_mod
     from . import proposals as prop_mod
     from .runtime import atomic_write_json
@@ -424,13 +389,10 @@ def proposals(
     for msg in skipped:
         err.print(f"[yellow]skipped:[/] {escape(msg)}", soft_wrap=True)
     t0 = time.perf_counter()
-    bar = Progress(TextColumn("proposals"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=err, transient=True)
     sets = []
     try:
-        with bar:
-            task = bar.add_task("proposals", total=len(records))
-            for rec in records:
+        with _progress(err, disable=False) as progress:
+            for i, rec in enumerate(records):
                 prior_map = None
                 if prior != "none":
                     prior_map = sal_mod.compute_saliency(rec.image, prior,
@@ -439,7 +401,7 @@ def proposals(
                     rec.image, method=method, max_proposals=max_proposals,
                     min_area_frac=_FAST.min_area_frac, max_area_frac=_FAST.max_area_frac,
                     work_max_side=work_max_side, prior=prior_map, seed=_FAST.seed))
-                bar.advance(task)
+                progress("proposals", i + 1, len(records))
         dataset = prop_mod.proposals_to_coco(records, sets)
         atomic_write_json(out_dir / "proposals.json", dataset)
     except CosegError as exc:

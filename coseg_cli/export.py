@@ -204,3 +204,12 @@ def _existing_stems(out: Path) -> set[str]:
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """The manifest is written last: its presence marks a complete output folder."""
     atomic_write_json(Path(out) / "manifest.json", manifest)
+
+
+def write_prior_map(out_dir: Path, stem: str, prior: np.ndarray, *, npy: bool = False) -> None:
+    """`coseg saliency` output: float32[H,W] map as OUT/<stem>.png (8-bit), optionally .npy."""
+    save_image(Path(out_dir) / f"{stem}.png",
+               np.clip(np.round(prior * 255.0), 0, 255).astype(np.uint8))
+    if npy:
+        with atomic_path(Path(out_dir) / f"{stem}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, prior.astype(np.float32))

@@ -34,3 +34,15 @@ def blob_image(size: int = 64, seed: int = 0) -> np.ndarray:
         img[disc] = colour
     noise = rng.integers(-3, 4, img.shape)
     return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def weights_ready() -> None:
+    """Skip (with the fix in the reason) where `coseg weights` has not prepared VGG-16."""
+    from coseg_cli import weights
+    from coseg_cli.errors import WeightsError
+
+    try:
+        weights.load_vgg16_features(None, allow_download=False)
+    except WeightsError as exc:
+        pytest.skip(f"VGG-16 weights not prepared (run `coseg weights`): {exc}")

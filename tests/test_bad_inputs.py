@@ -352,17 +352,6 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
 # --------------------------------------------------------------------------- correct results
 
 
-@pytest.fixture(scope="module")
-def weights_ready():
-    from coseg_cli import weights
-    from coseg_cli.errors import WeightsError
-
-    try:
-        weights.load_vgg16_features(None, allow_download=False)
-    except WeightsError as exc:
-        pytest.skip(f"VGG-16 weights not prepared (run `coseg weights`): {exc}")
-
-
 # name in the folder → (maker, expected (height, width) after EXIF orientation)
 ODD_BUT_GOOD = {
     "cmyk.jpg": (make_cmyk_jpeg, None),

@@ -26,17 +26,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def weights_ready():
-    from coseg_cli import weights
-    from coseg_cli.errors import WeightsError
-
-    try:
-        weights.load_vgg16_features(None, allow_download=False)
-    except WeightsError as exc:
-        pytest.skip(f"VGG-16 weights not prepared (run `coseg weights`): {exc}")
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """Three photos plus a 4000 px one sorted last, whose full-resolution export takes long
     enough (about a second) to be interrupted."""

@@ -207,17 +207,6 @@ TINY = ["--image-size", "64", "--epochs", "1", "--max-proposals", "40", "--work-
         "96", "--device", "cpu", "--seed", "0", "--prior", "spectral_residual"]
 
 
-@pytest.fixture(scope="module")
-def weights_ready():
-    from coseg_cli import weights
-    from coseg_cli.errors import WeightsError
-
-    try:
-        weights.load_vgg16_features(None, allow_download=False)
-    except WeightsError as exc:
-        pytest.skip(f"VGG-16 weights not prepared (run `coseg weights`): {exc}")
-
-
 def test_two_shards_merged_then_evaluated(weights_ready, tmp_path):
     """Two "machines" each run one shard of two folders into their own OUT; the merge holds
     both folders, a combined instances.json (same --category) that `coseg eval` scores."""

@@ -24,17 +24,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def weights_ready():
-    from coseg_cli import weights
-    from coseg_cli.errors import WeightsError
-
-    try:
-        weights.load_vgg16_features(None, allow_download=False)
-    except WeightsError as exc:
-        pytest.skip(f"VGG-16 weights not prepared (run `coseg weights`): {exc}")
-
-
-@pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("in") / "bottle"
     folder.mkdir()
