@@ -105,3 +105,23 @@ def test_run_one_failing_folder_exits_1_others_finish(tmp_path):
     lines = [json.loads(x) for x in r.stdout.strip().splitlines() if x.startswith("{")]
     assert [x["status"] for x in lines] == ["error", "ok"]
     assert "broken [x]" in r.stderr
+
+
+def test_every_config_field_is_a_run_option(tmp_path):
+    """The CLI must expose every knob, and each must reach the config unchanged."""
+    folder = _folder(tmp_path / "a")
+    for field in dataclasses.fields(CosegConfig):
+        if field.name in ("preset",):
+            continue
+        value = getattr(PRESETS["paper"], field.name)
+        if isinstance(value, str):
+            new = value
+        elif isinstance(value, int):
+            new = value + 32 if field.name == "image_size" else value + 1
+        else:
+            new = value / 2 if value else 0.5
+        with patch("coseg_cli.batch.run_folder", side_effect=_ok) as m:
+            r = runner.invoke(app, ["run", str(folder), "--preset", "paper",
+                                    f"--{field.name.replace('_', '-')}", str(new)])
+        assert r.exit_code == 0, (field.name, r.output)
+        assert getattr(m.call_args.args[2], field.name) == new, field.name

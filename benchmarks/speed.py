@@ -1,0 +1,63 @@
+"""End-to-end speed: one real 10-image folder at default settings (or --preset/--set), no cache.
+
+Prints seconds per stage and in total, and peak memory (max RSS); last line one JSON object.
+
+    python benchmarks/speed.py                      # coco-dev/cup, first 10 images, preset fast
+    python benchmarks/speed.py --preset paper --images 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from coseg_cli import export, images, pipeline  # noqa: E402
+from coseg_cli.config import CosegConfig, preset_config  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "coco-dev"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--folder", type=Path, default=DATA / "cup" / "images")
+    ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/coseg-speed"))
+    args = ap.parse_args()
+    defaults = CosegConfig()
+    overrides = {}
+    for item in args.set:
+        field, _, raw = item.partition("=")
+        typ = type(getattr(defaults, field))
+        overrides[field] = typ(float(raw)) if typ is int else typ(raw)
+    cfg = preset_config(args.preset, **overrides)
+
+    paths = images.list_images(args.folder)[: args.images]
+    records = [images.load_image(p, args.folder) for p in paths]
+    t0 = time.perf_counter()
+    result = pipeline.cosegment(records, cfg, cache_dir=None, category=args.folder.name)
+    write = export.write_all(result, args.out)
+    total = time.perf_counter() - t0
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    stages = {k: round(v, 1) for k, v in result.timings.items() if k != "total"}
+    stages["write"] = round(sum(write.values()), 1)
+    print(f"{len(records)} images from {args.folder}, preset {args.preset} {overrides}")
+    for k, v in stages.items():
+        print(f"  {k:<10}{v:8.1f} s")
+    print(f"  {'total':<10}{total:8.1f} s   peak RSS {rss_gb:.2f} GB   "
+          f"{len(result.instances)} instances")
+    print(json.dumps({"images": len(records), "preset": args.preset, "overrides": overrides,
+                      "stages_s": stages, "total_s": round(total, 1),
+                      "peak_rss_gb": round(rss_gb, 2)}))
+
+
+if __name__ == "__main__":
+    main()
