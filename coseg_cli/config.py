@@ -66,13 +66,16 @@ class CosegConfig:
         if self.max_peaks < 0:
             raise ConfigError(f"max_peaks must be >= 0 (0 = no cap), got {self.max_peaks}")
         if self.image_size % 32 != 0:
-            raise ConfigError(f"image_size must be a multiple of 32 (VGG-16 stride), got {self.image_size}")
+            raise ConfigError("image_size must be a multiple of 32 (VGG-16 stride), got "
+                              f"{self.image_size}")
         if self.batch_images < 2:
-            raise ConfigError(f"batch_images must be >= 2 (pairs are needed), got {self.batch_images}")
+            raise ConfigError("batch_images must be >= 2 (pairs are needed), got "
+                              f"{self.batch_images}")
         if self.head_lr < 0:
             raise ConfigError(f"head_lr must be >= 0 (0 = same as lr), got {self.head_lr}")
         if self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+            raise ConfigError("lr must be > 0 and weight_decay >= 0, got "
+                              f"{self.lr}, {self.weight_decay}")
         if not 0.0 < self.nms_iou_thresh <= 1.0:
             raise ConfigError(f"nms_iou_thresh must be in (0, 1], got {self.nms_iou_thresh}")
         if not 0.0 <= self.noise_percentile < 100.0:
@@ -81,9 +84,11 @@ class CosegConfig:
             raise ConfigError("need 0 <= min_area_frac < max_area_frac <= 1, got "
                               f"{self.min_area_frac}, {self.max_area_frac}")
         if self.freeze_until not in FREEZE_CHOICES:
-            raise ConfigError(f"freeze_until must be one of {FREEZE_CHOICES}, got {self.freeze_until!r}")
+            raise ConfigError(f"freeze_until must be one of {FREEZE_CHOICES}, "
+                              f"got {self.freeze_until!r}")
         if self.feature_layer not in FEATURE_LAYERS:
-            raise ConfigError(f"feature_layer must be one of {FEATURE_LAYERS}, got {self.feature_layer!r}")
+            raise ConfigError(f"feature_layer must be one of {FEATURE_LAYERS}, "
+                              f"got {self.feature_layer!r}")
         if self.num_threads < 0:
             raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -234,8 +234,9 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
     t = time.perf_counter()
     state, winfo = weights.load_vgg16_features(weights_path)
     net = model_mod.build_model(cfg, state).to(device)
+    model_cache = None if cache_dir is None else Path(cache_dir) / "model"
     report = train.load_or_finetune(net, works, priors, sha1s, cfg, device=device,
-                                    cache_dir=None if cache_dir is None else Path(cache_dir) / "model",
+                                    cache_dir=model_cache,
                                     progress=None if progress is None else
                                     (lambda stage, done, total, *_: progress(stage, done, total)))
     net.eval()
@@ -250,8 +251,8 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
         masks = compute_proposals(img, prior, sha, cfg, cache)
         t_prop += time.perf_counter() - t
         t = time.perf_counter()
-        key = config_key(model_key, sha, cfg.max_peaks, cfg.rank_beta, cfg.rank_gamma, cfg.contour_px,
-                         cfg.nms_iou_thresh, len(masks), CACHE_VERSION["instances"],
+        key = config_key(model_key, sha, cfg.max_peaks, cfg.rank_beta, cfg.rank_gamma,
+                         cfg.contour_px, cfg.nms_iou_thresh, len(masks), CACHE_VERSION["instances"],
                          cfg.proposal_method, cfg.max_proposals)
         hit = cache.load("instances", key)
         if hit is None:

@@ -90,5 +90,6 @@ class RunResult:
     environment: dict[str, Any]
     timings: dict[str, float]
     category: str = "object"
-    info: dict[str, Any] = field(default_factory=dict)  # weights source/sha256, prior kind, cache hits
+    # weights source/sha256, prior kind, cache hits, training report
+    info: dict[str, Any] = field(default_factory=dict)
     peaks: list[np.ndarray] = field(default_factory=list)  # int64[K,2] (x, y) image px, per image

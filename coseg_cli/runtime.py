@@ -75,7 +75,8 @@ def resolve_device(name: str):  # -> torch.device
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+            raise ConfigError(f"device {name!r} requested but CUDA is not available; "
+                              "use --device cpu")
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device {name!r} does not exist ({torch.cuda.device_count()} GPUs)")
