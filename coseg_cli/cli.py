@@ -300,6 +300,19 @@ def eval_cmd(
 _FAST = PRESETS[DEFAULT_PRESET]
 
 
+def _load_images(folder: Path, skip_bad: bool) -> tuple[list, list[str]]:
+    """Per-image commands (saliency, proposals) accept a single image; skipped files are listed."""
+    from . import images as images_mod
+
+    try:
+        records, skipped = images_mod.load_folder(folder, skip_bad=skip_bad, min_images=1)
+    except CosegError as exc:
+        raise fail(exc) from None
+    for msg in skipped:
+        err.print(f"[yellow]skipped:[/] {escape(msg)}", soft_wrap=True)
+    return records, skipped
+
+
 @app.command()
 def saliency(
     folder: Annotated[Path, typer.Argument(help="Folder of images.", show_default=False)],
@@ -321,19 +334,13 @@ def saliency(
     import time
 
     from . import export
-    from . import images as images_mod
     from . import saliency as sal_mod
 
     try:
         entry = sal_mod.get_method(method)
     except CosegError as exc:
         raise fail(exc, code=2) from None
-    try:
-        records, skipped = images_mod.load_folder(folder, skip_bad=skip_bad, min_images=1)
-    except CosegError as exc:
-        raise fail(exc) from None
-    for msg in skipped:
-        err.print(f"[yellow]skipped:[/] {escape(msg)}", soft_wrap=True)
+    records, skipped = _load_images(folder, skip_bad)
     t0 = time.perf_counter()
     try:
         with _progress(err, disable=False) as progress:
@@ -376,7 +383,6 @@ def proposals(
     """Compute the mask proposals of every image of a folder: OUT/proposals.json (COCO, RLE)."""
     import time
 
-    from . import images as images_mod
     from . import proposals as prop_mod
     from .runtime import atomic_write_json
 
@@ -388,12 +394,7 @@ def proposals(
             sal_mod.get_method(prior)
     except CosegError as exc:
         raise fail(exc, code=2) from None
-    try:
-        records, skipped = images_mod.load_folder(folder, skip_bad=skip_bad, min_images=1)
-    except CosegError as exc:
-        raise fail(exc) from None
-    for msg in skipped:
-        err.print(f"[yellow]skipped:[/] {escape(msg)}", soft_wrap=True)
+    records, skipped = _load_images(folder, skip_bad)
     t0 = time.perf_counter()
     sets = []
     try:
