@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import CosegError, InputError
 from .records import ImageRecord
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -158,3 +159,42 @@ def load_folder(folder: Path, *, skip_bad: bool = False, min_images: int = 2
         raise InputError(f"{folder}: {len(records)} usable image(s); co-segmentation needs at "
                          f"least {min_images} images of one category")
     return records, bad
+
+
+def as_rgb3(image: np.ndarray, error: type[CosegError] = InputError, what: str = "image"
+            ) -> np.ndarray:
+    """uint8[H,W] / [H,W,1] / [H,W,4] / [H,W,3] → contiguous [H,W,3] (grey repeated, alpha
+    dropped); any other shape raises `error`. The dtype is left to the caller."""
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise error(f"{what} must be of shape (H,W,3), got {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def shrink_to(image: np.ndarray, max_side: int, min_side: int = 1) -> np.ndarray:
+    """`image` shrunk (area interpolation) so its longer side is ≤ max_side, each side kept
+    ≥ min_side; never enlarged."""
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1.0:
+        return image
+    size = (max(min_side, round(w * scale)), max(min_side, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def resize_map(values: np.ndarray, shape: tuple[int, int], interp: int = cv2.INTER_CUBIC
+               ) -> np.ndarray:
+    """float32[...,H,W] maps resized to `shape` (h, w); stacks are resized map by map."""
+    h, w = shape
+    if values.shape[-2:] == (h, w):
+        return values.astype(np.float32, copy=False)
+    if values.ndim == 2:
+        return cv2.resize(values.astype(np.float32), (w, h), interpolation=interp)
+    return np.stack([resize_map(v, shape, interp) for v in values]) if len(values) else \
+        np.zeros((0, h, w), np.float32)

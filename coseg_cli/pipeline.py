@@ -22,7 +22,7 @@ from . import peaks as peaks_mod
 from . import proposals as proposals_mod
 from .config import CosegConfig, preset_config
 from .errors import InputError
-from .images import load_folder
+from .images import load_folder, resize_map, shrink_to
 from .records import ImageRecord, Instance, RunResult
 from .runtime import (
     StageCache,
@@ -38,28 +38,6 @@ Progress = Callable[[str, int, int], None]
 
 # Bump when a stage's algorithm changes, so old cache entries are not reused.
 CACHE_VERSION = {"prior": 1, "proposals": 2, "instances": 2}
-
-
-def work_image(image: np.ndarray, max_side: int) -> np.ndarray:
-    """uint8[h,w,3]: `image` shrunk (area interpolation) so its longer side is ≤ max_side."""
-    h, w = image.shape[:2]
-    scale = max_side / max(h, w)
-    if scale >= 1.0:
-        return image
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def resize_map(values: np.ndarray, shape: tuple[int, int], interp: int = cv2.INTER_CUBIC
-               ) -> np.ndarray:
-    """float32[...,H,W] maps resized to `shape` (h, w); stacks are resized map by map."""
-    h, w = shape
-    if values.shape[-2:] == (h, w):
-        return values.astype(np.float32, copy=False)
-    if values.ndim == 2:
-        return cv2.resize(values.astype(np.float32), (w, h), interpolation=interp)
-    return np.stack([resize_map(v, shape, interp) for v in values]) if len(values) else \
-        np.zeros((0, h, w), np.float32)
 
 
 def upscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -224,7 +202,7 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
     set_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     cache = StageCache(cache_dir)
-    works = [work_image(r.image, cfg.work_max_side) for r in records]
+    works = [shrink_to(r.image, cfg.work_max_side) for r in records]
     sha1s = [r.sha1 for r in records]
 
     t = time.perf_counter()

@@ -43,6 +43,7 @@ from scipy import ndimage, sparse
 
 from . import coco
 from .errors import ConfigError
+from .images import as_rgb3, shrink_to
 from .records import ProposalSet
 
 # Selective-search strategies: (colour space, Felzenszwalb k, similarity weights colour, texture,
@@ -123,21 +124,8 @@ class _Candidates:
 
 def _work_image(image: np.ndarray, work_max_side: int) -> np.ndarray:
     """uint8[H,W] or [H,W,3|4] → uint8[h,w,3] RGB with max(h, w) ≤ work_max_side."""
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.ndim == 3 and image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[:, :, :3]
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ConfigError(f"image must be uint8[H,W,3], got shape {image.shape}")
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    h, w = image.shape[:2]
-    scale = work_max_side / max(h, w)
-    if scale < 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return image
+    rgb = as_rgb3(image, ConfigError, "image").astype(np.uint8, copy=False)
+    return shrink_to(rgb, work_max_side)
 
 
 def _colour(image: np.ndarray, space: str) -> np.ndarray:

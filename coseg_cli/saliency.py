@@ -19,6 +19,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from .errors import ConfigError, InputError
+from .images import as_rgb3, resize_map, shrink_to
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,6 @@ def _normalize(m: np.ndarray) -> np.ndarray:
     if hi - lo < 1e-12:
         return np.zeros(m.shape, np.float32)
     return ((m - lo) / (hi - lo)).astype(np.float32)
-
-
-def _limit(image: np.ndarray, max_side: int) -> np.ndarray:
-    """Downscale (area) so the longer side is ≤ max_side; never upscale."""
-    h, w = image.shape[:2]
-    s = max_side / max(h, w)
-    if s >= 1.0:
-        return image
-    size = (max(_MIN_WORK_SIDE, round(w * s)), max(_MIN_WORK_SIDE, round(h * s)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def _resize_map(m: np.ndarray, h: int, w: int) -> np.ndarray:
-    if m.shape == (h, w):
-        return m.astype(np.float32, copy=False)
-    return cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def _lab(image: np.ndarray) -> np.ndarray:
@@ -165,7 +150,7 @@ def _mbplus(image: np.ndarray) -> np.ndarray:
     smoothed by morphological reconstruction, centre-biased and contrast-enhanced."""
     from skimage.morphology import reconstruction
 
-    small = _limit(image, _INNER_MAX_SIDE)
+    small = shrink_to(image, _INNER_MAX_SIDE, _MIN_WORK_SIDE)
     h, w = small.shape[:2]
     lab = cv2.GaussianBlur(_lab(small), (0, 0), 1.0)
     mbd = _normalize(_mbd_scan(lab).sum(axis=2))
@@ -187,7 +172,7 @@ def _mbplus(image: np.ndarray) -> np.ndarray:
     # Contrast enhancement: sigmoid around an adaptive (Otsu) threshold, b = 10
     thresh = _otsu(sal)
     sal = _normalize(1.0 / (1.0 + np.exp(-10.0 * (sal - thresh))))
-    return _resize_map(sal, *image.shape[:2])
+    return resize_map(sal, image.shape[:2], cv2.INTER_LINEAR)
 
 
 def _otsu(m: np.ndarray) -> float:
@@ -244,7 +229,7 @@ def _superpixels(image: np.ndarray, num_segments: int = 200) -> _Graph:
 def _manifold_ranking(image: np.ndarray) -> np.ndarray:
     """GMR (Yang et al., CVPR 2013): rank superpixels by similarity to the border (background
     queries), then re-rank from the resulting foreground queries."""
-    small = _limit(image, _INNER_MAX_SIDE)
+    small = shrink_to(image, _INNER_MAX_SIDE, _MIN_WORK_SIDE)
     g = _superpixels(small)
     n = len(g.size)
     if n < 2:
@@ -269,13 +254,13 @@ def _manifold_ranking(image: np.ndarray) -> np.ndarray:
     sal_bg = _normalize(sal_bg).astype(np.float64)
     y = (sal_bg >= sal_bg.mean()).astype(np.float64)
     sal_fg = _normalize(affinity @ y)
-    return _resize_map(sal_fg[g.labels], *image.shape[:2])
+    return resize_map(sal_fg[g.labels], image.shape[:2], cv2.INTER_LINEAR)
 
 
 def _robust_background(image: np.ndarray) -> np.ndarray:
     """RBD (Zhu et al., CVPR 2014): boundary connectivity as a background probability,
     background-weighted contrast as foreground evidence, fused by a least-squares optimisation."""
-    small = _limit(image, _INNER_MAX_SIDE)
+    small = shrink_to(image, _INNER_MAX_SIDE, _MIN_WORK_SIDE)
     g = _superpixels(small)
     n = len(g.size)
     if n < 2:
@@ -303,7 +288,7 @@ def _robust_background(image: np.ndarray) -> np.ndarray:
     lap = np.diag(w_smooth.sum(1)) - w_smooth
     system = np.diag(w_bg + w_fg) + lap + np.eye(n) * 1e-9
     sal = np.linalg.solve(system, w_fg)
-    return _resize_map(_normalize(sal)[g.labels], *image.shape[:2])
+    return resize_map(_normalize(sal)[g.labels], image.shape[:2], cv2.INTER_LINEAR)
 
 
 # --------------------------------------------------------------------------- fusion
@@ -320,7 +305,8 @@ def _fusion(image: np.ndarray) -> np.ndarray:
     weak unsupervised maps)."""
     maps = [METHODS[name].fn(image) for name in FUSION_MEMBERS]
     h, w = image.shape[:2]
-    return _normalize(np.mean([_resize_map(m, h, w) for m in maps], axis=0))
+    return _normalize(np.mean([resize_map(m, (h, w), cv2.INTER_LINEAR) for m in maps],
+                              axis=0))
 
 
 # --------------------------------------------------------------------------- U²-Net-p (trained)
@@ -357,7 +343,7 @@ def _u2netp(image: np.ndarray) -> np.ndarray:
                                                                       np.float32)
     inp = {session.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)}
     pred = session.run(None, inp)[0][0, 0]
-    return _resize_map(_normalize(pred), h, w)
+    return resize_map(_normalize(pred), (h, w), cv2.INTER_LINEAR)
 
 
 # Members of `fusion_u2netp`: the trained map averaged with the unsupervised fusion's members. On
@@ -368,7 +354,8 @@ FUSION_U2NETP_MEMBERS: tuple[str, ...] = ("u2netp", *FUSION_MEMBERS)
 def _fusion_u2netp(image: np.ndarray) -> np.ndarray:
     """Mean of the normalised U²-Net-p map and the unsupervised fusion members' maps (trained)."""
     h, w = image.shape[:2]
-    maps = [_resize_map(METHODS[name].fn(image), h, w) for name in FUSION_U2NETP_MEMBERS]
+    maps = [resize_map(METHODS[name].fn(image), (h, w), cv2.INTER_LINEAR)
+            for name in FUSION_U2NETP_MEMBERS]
     return _normalize(np.mean(maps, axis=0))
 
 
@@ -415,18 +402,9 @@ def get_method(name: str) -> SaliencyMethod:
 
 
 def _as_rgb8(image: np.ndarray) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise InputError(f"saliency expects a uint8 image, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise InputError(f"saliency expects an image of shape (H,W,3), got {arr.shape}")
-    return np.ascontiguousarray(arr)
+    if np.asarray(image).dtype != np.uint8:
+        raise InputError(f"saliency expects a uint8 image, got {np.asarray(image).dtype}")
+    return as_rgb3(image, InputError, "saliency input")
 
 
 def working_size(height: int, width: int, work_max_side: int) -> tuple[int, int]:
@@ -466,7 +444,7 @@ def compute_saliency(image: np.ndarray, method: str, *, work_max_side: int = 640
         work = cv2.resize(rgb, (ww, wh), interpolation=interp)
     sal = np.asarray(entry.fn(work), dtype=np.float32)
     sal = np.clip(np.nan_to_num(sal, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    return np.clip(_resize_map(sal, h, w), 0.0, 1.0)
+    return np.clip(resize_map(sal, (h, w), cv2.INTER_LINEAR), 0.0, 1.0)
 
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_UNSUPERVISED", "FUSION_MEMBERS", "FUSION_U2NETP_MEMBERS",
