@@ -138,16 +138,23 @@ def save_image(path: Path, array: np.ndarray, **params: Any) -> None:
 def write_instance_masks(folder: Path, instances: list[Instance]) -> None:
     """Replace `folder` with one binary PNG per instance named by rank, swapped in whole."""
     tmp = folder.with_name(f".{folder.name}.part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for inst in instances:
-        Image.fromarray(inst.mask.astype(np.uint8) * 255).save(tmp / f"{inst.rank}.png")
     old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # an interrupt (SIGINT → KeyboardInterrupt) must not leave the half-written folder
+        tmp.mkdir(parents=True)
+        for inst in instances:
+            Image.fromarray(inst.mask.astype(np.uint8) * 255).save(tmp / f"{inst.rank}.png")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+    except BaseException:
+        if old.exists() and not folder.exists():
+            old.rename(folder)  # put the previous complete folder back
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_writable(out: Path) -> None:
