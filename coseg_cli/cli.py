@@ -148,6 +148,8 @@ def run(
                                                "contour_px")] = None,
     rank_beta: Annotated[Optional[float], _knob("Ranking β (eq. 7).", "rank_beta")] = None,
     rank_gamma: Annotated[Optional[float], _knob("Ranking γ (eq. 7).", "rank_gamma")] = None,
+    rank_cosal_power: Annotated[Optional[float], _knob(
+        "Exponent on co-saliency in ranking (0 = rank without it).", "rank_cosal_power")] = None,
     nms_iou_thresh: Annotated[Optional[float], _knob("Mask-NMS IoU threshold.",
                                                      "nms_iou_thresh")] = None,
     noise_percentile: Annotated[Optional[float], _knob("Folder-wide score percentile dropped.",

@@ -51,6 +51,9 @@ class CosegConfig:
     max_peaks: int = 0  # peaks back-propagated per image, strongest first; 0 = all (paper)
     rank_beta: float = 0.8  # β, paper eq. 7
     rank_gamma: float = 1e-5  # γ, paper eq. 7
+    # Exponent on the co-saliency S wherever it enters eq. 7: 1 = the paper; 0 makes S ≡ 1, the
+    # paper's Table 3 ablation "without co-saliency in ranking" (BENCHMARKS.md: 14.6 → 5.4).
+    rank_cosal_power: float = 1.0
     contour_px: int = 5  # paper eq. 7: contour = dilate(P,5×5) XOR erode(P,5×5)
     nms_iou_thresh: float = 0.4  # authors' code (RunDeepInstCoseg.m)
     noise_percentile: float = 20.0  # authors' code: drop instances below this folder percentile
@@ -78,6 +81,8 @@ class CosegConfig:
                               f"{self.lr}, {self.weight_decay}")
         if not 0.0 < self.nms_iou_thresh <= 1.0:
             raise ConfigError(f"nms_iou_thresh must be in (0, 1], got {self.nms_iou_thresh}")
+        if self.rank_cosal_power < 0:
+            raise ConfigError(f"rank_cosal_power must be >= 0, got {self.rank_cosal_power}")
         if not 0.0 <= self.noise_percentile < 100.0:
             raise ConfigError(f"noise_percentile must be in [0, 100), got {self.noise_percentile}")
         if not 0.0 <= self.min_area_frac < self.max_area_frac <= 1.0:

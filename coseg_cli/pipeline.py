@@ -149,7 +149,8 @@ def image_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
     if len(peak_rc) and len(masks):
         inst_maps = peaks_mod.peak_backprop(net, x, peak_rc, chunk=chunk).cpu().numpy()
         inst_maps = np.maximum(resize_map(inst_maps, (h, w)), 0.0)
-        scores = ranking.score_proposals_batch(inst_maps, cosal, masks, beta=cfg.rank_beta,
+        rank_cosal = cosal ** cfg.rank_cosal_power if cfg.rank_cosal_power != 1.0 else cosal
+        scores = ranking.score_proposals_batch(inst_maps, rank_cosal, masks, beta=cfg.rank_beta,
                                                gamma=cfg.rank_gamma, contour_px=cfg.contour_px)
         picks = ranking.select_instances(scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
     prop_idx = np.array([p[1] for p in picks], np.int64)
@@ -230,6 +231,8 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
         t_prop += time.perf_counter() - t
         t = time.perf_counter()
         key = config_key(model_key, sha, cfg.max_peaks, cfg.rank_beta, cfg.rank_gamma,
+                         # left out at its default, so entries cached before it existed stay valid
+                         *([cfg.rank_cosal_power] if cfg.rank_cosal_power != 1.0 else []),
                          cfg.contour_px, cfg.nms_iou_thresh, len(masks), CACHE_VERSION["instances"],
                          cfg.proposal_method, cfg.max_proposals)
         hit = cache.load("instances", key)

@@ -107,3 +107,24 @@ def test_failing_folder_among_good_ones(weights_ready, tiny_folder, tmp_path):
     assert [x["status"] for x in lines] == ["error", "ok"]
     assert (out / "bottle" / "instances.json").is_file()
     assert not (out / "bad" / "instances.json").exists()
+
+
+def test_ranking_without_cosaliency_reruns_stage_two_only(first_run, tiny_folder, tmp_path):
+    """--rank-cosal-power 0 (the paper's "without co-saliency" ablation) reuses priors,
+    proposals and the fine-tuned model but recomputes and re-scores the instances."""
+    out = tmp_path / "run"
+    shutil.copytree(first_run, out)
+    r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(out), *TINY,
+                            "--rank-cosal-power", "0"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["rank_cosal_power"] == 0.0
+    hits = manifest["cache_hits"]
+    assert hits.get("prior") == 3 and hits.get("proposals") == 3 and "instances" not in hits
+    assert manifest["train"]["cached"] is True
+
+    def scores(folder: Path) -> list[float]:
+        data = json.loads((folder / "instances.json").read_text())
+        return [a["score"] for a in data["annotations"]]
+
+    assert scores(out) and scores(out) != scores(first_run)

@@ -201,3 +201,12 @@ def test_noise_filter_percentile_and_emptied_image() -> None:
     assert [k.tolist() for k in noise_filter([np.array([]), np.array([])])] == [[], []]
     # percentile 0 keeps everything
     assert all(k.all() for k in noise_filter(scores, 0.0))
+
+
+def test_rank_cosal_power_is_validated() -> None:
+    from coseg_cli.config import CosegConfig
+    from coseg_cli.errors import ConfigError
+
+    assert CosegConfig(rank_cosal_power=0.0).rank_cosal_power == 0.0
+    with pytest.raises(ConfigError, match="rank_cosal_power"):
+        CosegConfig(rank_cosal_power=-1.0)
