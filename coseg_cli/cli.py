@@ -138,6 +138,8 @@ def run(
                                                   "max_proposals")] = None,
     work_max_side: Annotated[Optional[int], _knob("Longest side for priors, proposals, "
                                                   "ranking.", "work_max_side")] = None,
+    infer_size: Annotated[Optional[int], _knob(
+        "Stage-2 input size (0 = --image-size); larger = finer peaks.", "infer_size")] = None,
     max_peaks: Annotated[Optional[int], _knob("Peaks back-propagated per image (0 = all).",
                                               "max_peaks")] = None,
     min_area_frac: Annotated[Optional[float], _knob("Smallest proposal, fraction of the image.",

@@ -48,6 +48,9 @@ class CosegConfig:
     max_area_frac: float = 0.85
     work_max_side: int = 640  # priors/proposals run with the longer side capped here, mapped back
     # --- stage 2: instance masks ---
+    # Input size of the stage-2 forward pass and peak back-propagation; 0 = image_size (paper).
+    # The net is fully convolutional, so a larger size gives a finer logit map (stride 32).
+    infer_size: int = 0
     max_peaks: int = 0  # peaks back-propagated per image, strongest first; 0 = all (paper)
     rank_beta: float = 0.8  # β, paper eq. 7
     rank_gamma: float = 1e-5  # γ, paper eq. 7
@@ -66,6 +69,9 @@ class CosegConfig:
     def __post_init__(self) -> None:
         _positive_int(self, "image_size", "epochs", "batch_images", "max_proposals",
                       "work_max_side", "contour_px")
+        if self.infer_size < 0 or self.infer_size % 32 != 0:
+            raise ConfigError("infer_size must be 0 (= image_size) or a positive multiple of 32, "
+                              f"got {self.infer_size}")
         if self.max_peaks < 0:
             raise ConfigError(f"max_peaks must be >= 0 (0 = no cap), got {self.max_peaks}")
         if self.image_size % 32 != 0:

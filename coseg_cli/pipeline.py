@@ -136,7 +136,7 @@ def image_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
         img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
     """
     h, w = img.shape[:2]
-    x = model_mod.preprocess([img], cfg.image_size).to(device)
+    x = model_mod.preprocess([img], cfg.infer_size or cfg.image_size).to(device)
     with torch.no_grad():
         feats, logits = net(x)
     cosal = torch.sigmoid(F.interpolate(logits, size=(h, w), mode="bilinear",
@@ -233,6 +233,7 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
         key = config_key(model_key, sha, cfg.max_peaks, cfg.rank_beta, cfg.rank_gamma,
                          # left out at its default, so entries cached before it existed stay valid
                          *([cfg.rank_cosal_power] if cfg.rank_cosal_power != 1.0 else []),
+                         *([cfg.infer_size] if cfg.infer_size else []),
                          cfg.contour_px, cfg.nms_iou_thresh, len(masks), CACHE_VERSION["instances"],
                          cfg.proposal_method, cfg.max_proposals)
         hit = cache.load("instances", key)

@@ -117,7 +117,7 @@ def test_every_config_field_is_a_run_option(tmp_path):
         if isinstance(value, str):
             new = value
         elif isinstance(value, int):
-            new = value + 32 if field.name == "image_size" else value + 1
+            new = value + 32 if field.name in ("image_size", "infer_size") else value + 1
         else:
             new = value / 2 if value else 0.5
         with patch("coseg_cli.batch.run_folder", side_effect=_ok) as m:
