@@ -154,6 +154,9 @@ def run(
         "Exponent on co-saliency in ranking (0 = rank without it).", "rank_cosal_power")] = None,
     nms_iou_thresh: Annotated[Optional[float], _knob("Mask-NMS IoU threshold.",
                                                      "nms_iou_thresh")] = None,
+    consensus_power: Annotated[Optional[float], _knob(
+        "Exponent of the cross-image consensus factor on scores (0 = off).",
+        "consensus_power")] = None,
     noise_percentile: Annotated[Optional[float], _knob("Folder-wide score percentile dropped.",
                                                        "noise_percentile")] = None,
     seed: Annotated[Optional[int], _knob("Random seed.", "seed")] = None,

@@ -59,6 +59,10 @@ class CosegConfig:
     rank_cosal_power: float = 1.0
     contour_px: int = 5  # paper eq. 7: contour = dilate(P,5×5) XOR erode(P,5×5)
     nms_iou_thresh: float = 0.4  # authors' code (RunDeepInstCoseg.m)
+    # Final score = R × consensus^p, consensus = an instance's mean best feature similarity to the
+    # other images' instances (ranking.consensus_scores), applied after the noise filter;
+    # 0 = off (paper). Not in DeepCO3: see the `fast` preset for the measurement.
+    consensus_power: float = 0.0
     noise_percentile: float = 20.0  # authors' code: drop instances below this folder percentile
     # --- runtime ---
     seed: int = 0
@@ -87,6 +91,8 @@ class CosegConfig:
                               f"{self.lr}, {self.weight_decay}")
         if not 0.0 < self.nms_iou_thresh <= 1.0:
             raise ConfigError(f"nms_iou_thresh must be in (0, 1], got {self.nms_iou_thresh}")
+        if self.consensus_power < 0:
+            raise ConfigError(f"consensus_power must be >= 0, got {self.consensus_power}")
         if self.rank_cosal_power < 0:
             raise ConfigError(f"rank_cosal_power must be >= 0, got {self.rank_cosal_power}")
         if not 0.0 <= self.noise_percentile < 100.0:
@@ -138,6 +144,9 @@ PRESETS: dict[str, CosegConfig] = {
         # gave mAP^r@.25 14.9 on pizza/umbrella/teddy_bear vs 1.7 (BENCHMARKS.md)
         head_lr=1e-3,
         max_peaks=8,  # peak back-propagation costs ~1 s per peak at 320 on this CPU
+        # cross-image consensus re-scoring: 14.6 / 5.0 / 16.0 → 15.7 / 6.1 / 21.9 mAP^r@.25 / @.5 /
+        # CorLoc^r on seven coco-dev categories (BENCHMARKS.md, issue 7 second pass)
+        consensus_power=2.0,
         # best measured prior overall (benchmarks/priors.py, coco-dev 294 images): max F-β 0.203
         # vs 0.185 fusion / 0.185 u2netp alone; uses U²-Net-p, TRAINED on saliency labels
         prior="fusion_u2netp",

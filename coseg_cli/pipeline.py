@@ -251,16 +251,22 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
 
     t = time.perf_counter()
     keep = ranking.noise_filter([c.scores for c in per_image], percentile=cfg.noise_percentile)
+    final_scores = [c.scores.astype(np.float64) for c in per_image]
+    if cfg.consensus_power > 0:  # the kept instances of the other images vote
+        agree = ranking.consensus_scores([c.embeddings[k] for c, k in zip(per_image, keep)])
+        for s, k, a in zip(final_scores, keep, agree):
+            s[k] *= a ** cfg.consensus_power
     instances: list[Instance] = []
     cosal_full: list[np.ndarray] = []
-    for i, (rec, cand, masks, kept) in enumerate(zip(records, per_image, all_masks, keep)):
+    for i, (rec, cand, masks, kept, scores) in enumerate(zip(records, per_image, all_masks, keep,
+                                                             final_scores)):
         shape = rec.image.shape[:2]
         sy, sx = shape[0] / cand.cosal.shape[0], shape[1] / cand.cosal.shape[1]
-        order = [j for j in np.argsort(-cand.scores, kind="stable") if kept[j]]
+        order = [j for j in np.argsort(-scores, kind="stable") if kept[j]]
         for rank, j in enumerate(order, start=1):
             px, py = cand.peaks_xy[cand.peak_idx[j]]
             instances.append(Instance(
-                image_index=i, mask=upscale_mask(masks[j], shape), score=float(cand.scores[j]),
+                image_index=i, mask=upscale_mask(masks[j], shape), score=float(scores[j]),
                 peak_xy=(min(int(px * sx), shape[1] - 1), min(int(py * sy), shape[0] - 1)),
                 rank=rank, embedding=cand.embeddings[j]))
         full = resize_map(cand.cosal, shape, cv2.INTER_LINEAR)  # clipped in place: 4 B/px

@@ -242,3 +242,29 @@ def noise_filter(scores_per_image: list[np.ndarray], percentile: float = 20.0) -
             keep[np.argmax(a)] = True
         keeps.append(keep)
     return keeps
+
+
+def consensus_scores(embeddings: list[np.ndarray]) -> list[np.ndarray]:
+    """How consistently each instance finds a counterpart in the *other* images of the folder.
+
+    Co-segmentation's premise is that the category recurs across the group while clutter does
+    not, so an instance whose fine-tuned feature is matched in most other images is more likely
+    the category. Per instance: the mean, over the other images holding any instance, of its best
+    cosine similarity there, clipped at 0; 1 where no other image has instances.
+
+    Args:
+        embeddings: per image, float32[k_i,C] unit-norm instance features (k_i may be 0).
+
+    Returns:
+        per image, float64[k_i] in [0, 1].
+    """
+    mats = [np.asarray(e, np.float64) for e in embeddings]
+    out = []
+    for a, ea in enumerate(mats):
+        best = [(ea @ eb.T).max(axis=1) for b, eb in enumerate(mats)
+                if b != a and len(eb) and len(ea)]
+        if not best:
+            out.append(np.ones(len(ea)))
+            continue
+        out.append(np.clip(np.mean(best, axis=0), 0.0, 1.0))
+    return out

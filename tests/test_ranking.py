@@ -210,3 +210,18 @@ def test_rank_cosal_power_is_validated() -> None:
     assert CosegConfig(rank_cosal_power=0.0).rank_cosal_power == 0.0
     with pytest.raises(ConfigError, match="rank_cosal_power"):
         CosegConfig(rank_cosal_power=-1.0)
+
+
+def test_consensus_scores_hand_case() -> None:
+    from coseg_cli.ranking import consensus_scores
+
+    e = np.eye(3, dtype=np.float32)
+    tilt = np.array([[0.6, 0.8, 0.0]], np.float32)  # unit norm
+    out = consensus_scores([e[:2], tilt, e[2:], np.zeros((0, 3), np.float32)])
+    # instance [1,0,0]: best 0.6 in image 1, 0 in image 2 → 0.3; [0,1,0]: (0.8 + 0) / 2
+    np.testing.assert_allclose(out[0], [0.3, 0.4])
+    np.testing.assert_allclose(out[1], [(0.8 + 0.0) / 2])  # best of image 0 is 0.8; image 2: 0
+    np.testing.assert_allclose(out[2], [0.0])  # orthogonal to everything: clipped at 0
+    assert out[3].shape == (0,)
+    np.testing.assert_allclose(consensus_scores([e[:1], np.zeros((0, 3))])[0], [1.0])
+    np.testing.assert_allclose(consensus_scores([-e[:1], e[:1]])[0], [0.0])  # negative → 0
