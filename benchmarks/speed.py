@@ -1,6 +1,8 @@
 """End-to-end speed: one real 10-image folder at default settings (or --preset/--set), no cache.
 
-Prints seconds per stage and in total, and peak memory (max RSS); last line one JSON object.
+Prints seconds per stage and in total, peak memory (max RSS), and the machine's fp32 matmul
+peak measured just before (train_speed.matmul_peak) with the total rescaled to the quiet-machine
+reference peak, so a run on a contended machine can still be compared; last line one JSON object.
 
     python benchmarks/speed.py                      # coco-dev/cup, first 10 images, preset fast
     python benchmarks/speed.py --preset paper --images 10
@@ -20,6 +22,9 @@ sys.path.insert(0, str(REPO))
 
 from coseg_cli import export, images, pipeline  # noqa: E402
 from coseg_cli.config import CosegConfig, preset_config  # noqa: E402
+from train_speed import matmul_peak  # noqa: E402
+
+REFERENCE_PEAK_GFLOPS = 175.6  # fp32 torch.mm 4096² on the quiet 2-core CI machine (BENCHMARKS.md)
 
 DATA = REPO.parent / "shared" / "data" / "coco-dev"
 
@@ -42,6 +47,7 @@ def main() -> None:
 
     paths = images.list_images(args.folder)[: args.images]
     records = [images.load_image(p, args.folder) for p in paths]
+    peak = matmul_peak()
     t0 = time.perf_counter()
     result = pipeline.cosegment(records, cfg, cache_dir=None, category=args.folder.name)
     write = export.write_all(result, args.out)
@@ -54,9 +60,13 @@ def main() -> None:
         print(f"  {k:<10}{v:8.1f} s")
     print(f"  {'total':<10}{total:8.1f} s   peak RSS {rss_gb:.2f} GB   "
           f"{len(result.instances)} instances")
+    at_ref = total * peak / REFERENCE_PEAK_GFLOPS
+    print(f"  matmul peak {peak:.1f} GFLOP/s now vs {REFERENCE_PEAK_GFLOPS} reference: "
+          f"total at the reference peak ≈ {at_ref:.1f} s")
     print(json.dumps({"images": len(records), "preset": args.preset, "overrides": overrides,
                       "stages_s": stages, "total_s": round(total, 1),
-                      "peak_rss_gb": round(rss_gb, 2)}))
+                      "peak_rss_gb": round(rss_gb, 2), "peak_gflops": round(peak, 1),
+                      "total_s_at_reference_peak": round(at_ref, 1)}))
 
 
 if __name__ == "__main__":
