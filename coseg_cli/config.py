@@ -143,7 +143,9 @@ PRESETS: dict[str, CosegConfig] = {
         # head: 1e-4 left the map flat after 5–10 steps (logits within ±0.2); 1e-3 with 10 epochs
         # gave mAP^r@.25 14.9 on pizza/umbrella/teddy_bear vs 1.7 (BENCHMARKS.md)
         head_lr=1e-3,
-        max_peaks=8,  # peak back-propagation costs ~1 s per peak at 320 on this CPU
+        # peak back-propagation costs ~0.8 s per peak at 320 on this CPU; 6 and 8 gave identical
+        # scores on four coco-dev categories (BENCHMARKS.md), 4 lost 1.1 mAP^r@.25 on seven
+        max_peaks=6,
         # cross-image consensus re-scoring: 14.6 / 5.0 / 16.0 → 15.7 / 6.1 / 21.9 mAP^r@.25 / @.5 /
         # CorLoc^r on seven coco-dev categories (BENCHMARKS.md, issue 7 second pass)
         consensus_power=2.0,
