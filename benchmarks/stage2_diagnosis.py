@@ -18,8 +18,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from scipy.stats import rankdata
 
@@ -28,7 +26,6 @@ sys.path.insert(0, str(REPO))
 
 from coseg_cli import images, pipeline, ranking, train, weights  # noqa: E402
 from coseg_cli import model as model_mod  # noqa: E402
-from coseg_cli import peaks as peaks_mod  # noqa: E402
 from coseg_cli.config import CosegConfig, preset_config  # noqa: E402
 from coseg_cli.evaluate import load_gt_json  # noqa: E402
 from coseg_cli.runtime import StageCache  # noqa: E402
@@ -48,34 +45,22 @@ def pixel_auc(score: np.ndarray, label: np.ndarray) -> float:
 
 
 def diagnose_image(net, img, prior, masks, gt_masks, cfg: CosegConfig) -> dict[str, float]:
-    h, w = img.shape[:2]
-    x = model_mod.preprocess([img], cfg.image_size)
-    with torch.no_grad():
-        feats, logits = net(x)
-    cosal = torch.sigmoid(F.interpolate(logits, size=(h, w), mode="bilinear",
-                                        align_corners=False))[0, 0].numpy()
-    peak_rc = peaks_mod.find_peaks(logits[0, 0], max_peaks=cfg.max_peaks or None)
+    ps = pipeline.score_peaks(net, img, masks, cfg, "cpu", chunk=4)
     iou = ranking.mask_iou(masks, gt_masks)  # [N,G]
     out: dict[str, float] = {}
     picked = np.zeros((0, len(gt_masks)))
     final = np.zeros((0, len(gt_masks)))
-    if len(peak_rc) and len(masks):
-        inst = peaks_mod.peak_backprop(net, x, peak_rc, chunk=4).numpy()
-        inst = np.maximum(images.resize_map(inst, (h, w)), 0.0)
-        scores = ranking.score_proposals_batch(inst, cosal, masks, beta=cfg.rank_beta,
-                                               gamma=cfg.rank_gamma, contour_px=cfg.contour_px)
-        picked = iou[scores.argmax(axis=1)]
-        kept = ranking.select_instances(scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
+    if ps.scores.size:
+        picked = iou[ps.scores.argmax(axis=1)]
+        kept = ranking.select_instances(ps.scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
         final = iou[[k[1] for k in kept]]
     for t in THRESHOLDS:
         for name, table in (("pool", iou), ("picked", picked), ("final", final)):
             out[f"{name}@{t}"] = float((table.max(axis=0) > t).mean()) if len(table) else 0.0
     fg = gt_masks.any(axis=0)
-    lh, lw = logits.shape[-2:]
-    rows = np.minimum(((peak_rc[:, 0] + 0.5) * h / lh).astype(int), h - 1)
-    cols = np.minimum(((peak_rc[:, 1] + 0.5) * w / lw).astype(int), w - 1)
-    out["peaks_in_gt"] = float(fg[rows, cols].mean()) if len(peak_rc) else 0.0
-    out["auc_cosal"] = pixel_auc(cosal, fg)
+    xs, ys = ps.peaks_xy[:, 0], ps.peaks_xy[:, 1]
+    out["peaks_in_gt"] = float(fg[ys, xs].mean()) if len(xs) else 0.0
+    out["auc_cosal"] = pixel_auc(ps.cosal, fg)
     out["auc_prior"] = pixel_auc(prior, fg)
     return out
 

@@ -128,9 +128,27 @@ def mask_embeddings(feats: torch.Tensor, masks: np.ndarray) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-def image_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
-                     cfg: CosegConfig, device: torch.device, chunk: int) -> Candidates:
-    """Stage 2 for one image: co-saliency, peaks, peak back-propagation, ranking, NMS.
+@dataclass
+class PeakScores:
+    """Stage 2 up to the eq. 7 scores, before each peak picks its proposal.
+
+    Attributes:
+        feats: float[1,C,gh,gw] fine-tuned features. cosal: float32[h,w] co-saliency in [0,1].
+        peak_rc: int64[K,2] (row, col) logit cells. peaks_xy: int64[K,2] (x, y) working px.
+        scores: float32[K,N] R for every (peak, proposal); [K,0] or [0,N] when either is absent.
+    """
+
+    feats: torch.Tensor
+    cosal: np.ndarray
+    peak_rc: np.ndarray
+    peaks_xy: np.ndarray
+    scores: np.ndarray
+
+
+def score_peaks(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray, cfg: CosegConfig,
+                device: torch.device | str, chunk: int) -> PeakScores:
+    """Co-saliency, peaks, peak back-propagation and eq. 7 for one image (also what
+    benchmarks/stage2_diagnosis.py inspects, so it measures exactly the pipeline's picks).
 
     Args:
         img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
@@ -145,19 +163,31 @@ def image_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
     lh, lw = logits.shape[-2:]
     peaks_xy = np.stack([(peak_rc[:, 1] + 0.5) * w / lw, (peak_rc[:, 0] + 0.5) * h / lh],
                         axis=1).astype(np.int64) if len(peak_rc) else np.zeros((0, 2), np.int64)
-    picks: list[tuple[int, int, float]] = []
+    scores = np.zeros((len(peak_rc), len(masks)), np.float32)
     if len(peak_rc) and len(masks):
         inst_maps = peaks_mod.peak_backprop(net, x, peak_rc, chunk=chunk).cpu().numpy()
         inst_maps = np.maximum(resize_map(inst_maps, (h, w)), 0.0)
         rank_cosal = cosal ** cfg.rank_cosal_power if cfg.rank_cosal_power != 1.0 else cosal
         scores = ranking.score_proposals_batch(inst_maps, rank_cosal, masks, beta=cfg.rank_beta,
                                                gamma=cfg.rank_gamma, contour_px=cfg.contour_px)
-        picks = ranking.select_instances(scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
+    return PeakScores(feats=feats, cosal=cosal.astype(np.float32), peak_rc=peak_rc,
+                      peaks_xy=peaks_xy, scores=scores)
+
+
+def image_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
+                     cfg: CosegConfig, device: torch.device, chunk: int) -> Candidates:
+    """Stage 2 for one image: `score_peaks`, then each peak's best proposal and NMS.
+
+    Args:
+        img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
+    """
+    ps = score_peaks(net, img, masks, cfg, device, chunk)
+    picks = ranking.select_instances(ps.scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
     prop_idx = np.array([p[1] for p in picks], np.int64)
-    return Candidates(cosal=cosal.astype(np.float32), peaks_xy=peaks_xy, prop_idx=prop_idx,
+    return Candidates(cosal=ps.cosal, peaks_xy=ps.peaks_xy, prop_idx=prop_idx,
                       scores=np.array([p[2] for p in picks], np.float32),
                       peak_idx=np.array([p[0] for p in picks], np.int64),
-                      embeddings=mask_embeddings(feats, masks[prop_idx]))
+                      embeddings=mask_embeddings(ps.feats, masks[prop_idx]))
 
 
 def as_records(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str
