@@ -24,7 +24,7 @@ from scipy.stats import rankdata
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coseg_cli import images, pipeline, ranking, train, weights  # noqa: E402
+from coseg_cli import images, instances, pipeline, ranking, train, weights  # noqa: E402
 from coseg_cli import model as model_mod  # noqa: E402
 from coseg_cli.config import CosegConfig, preset_config  # noqa: E402
 from coseg_cli.evaluate import load_gt_json  # noqa: E402
@@ -45,7 +45,7 @@ def pixel_auc(score: np.ndarray, label: np.ndarray) -> float:
 
 
 def diagnose_image(net, img, prior, masks, gt_masks, cfg: CosegConfig) -> dict[str, float]:
-    ps = pipeline.score_peaks(net, img, masks, cfg, "cpu", chunk=4)
+    ps = instances.score_peaks(net, img, masks, cfg, "cpu", chunk=4)
     iou = ranking.mask_iou(masks, gt_masks)  # [N,G]
     out: dict[str, float] = {}
     picked = np.zeros((0, len(gt_masks)))

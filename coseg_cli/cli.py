@@ -138,6 +138,12 @@ def run(
                                                   "max_proposals")] = None,
     work_max_side: Annotated[Optional[int], _knob("Longest side for priors, proposals, "
                                                   "ranking.", "work_max_side")] = None,
+    ranking: Annotated[Optional[str], _knob(
+        "Stage-2 ranking: peaks (the paper's eq. 7 per co-saliency peak) or common (every "
+        "proposal by co-saliency contrast × cross-image commonness).", "ranking")] = None,
+    cosal_stride: Annotated[Optional[int], _knob(
+        "Co-saliency map stride in stage 2: 32 (pool5) or 16 (conv5_3, finer).",
+        "cosal_stride")] = None,
     infer_size: Annotated[Optional[int], _knob(
         "Stage-2 input size (0 = --image-size); larger = finer peaks.", "infer_size")] = None,
     max_peaks: Annotated[Optional[int], _knob("Peaks back-propagated per image (0 = all).",
@@ -154,6 +160,15 @@ def run(
         "Exponent on co-saliency in ranking (0 = rank without it).", "rank_cosal_power")] = None,
     nms_iou_thresh: Annotated[Optional[float], _knob("Mask-NMS IoU threshold.",
                                                      "nms_iou_thresh")] = None,
+    ring_px: Annotated[Optional[int], _knob(
+        "common: ring width around a mask for co-saliency contrast (px).", "ring_px")] = None,
+    max_instances: Annotated[Optional[int], _knob(
+        "common: instances kept per image.", "max_instances")] = None,
+    common_seeds: Annotated[Optional[int], _knob(
+        "common: candidates per image the other images are matched against.",
+        "common_seeds")] = None,
+    common_power: Annotated[Optional[float], _knob(
+        "common: exponent of cross-image commonness in the score.", "common_power")] = None,
     consensus_power: Annotated[Optional[float], _knob(
         "Exponent of the cross-image consensus factor on scores (0 = off).",
         "consensus_power")] = None,

@@ -11,6 +11,10 @@ from .errors import ConfigError
 
 FREEZE_CHOICES = ("none", "conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3")
 FEATURE_LAYERS = ("pool5", "fc6_new")
+RANKINGS = ("peaks", "common")
+COSAL_STRIDES = (32, 16)
+# Fields that change how a run executes, never what it computes (no stage cache key holds them).
+RUNTIME_FIELDS = ("device", "num_threads", "preset")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,13 @@ class CosegConfig:
     max_area_frac: float = 0.85
     work_max_side: int = 640  # priors/proposals run with the longer side capped here, mapped back
     # --- stage 2: instance masks ---
+    # "peaks": the paper's — co-saliency peaks, peak back-propagation, eq. 7 per peak, NMS.
+    # "common": every proposal scored by co-saliency contrast × cross-image commonness, then NMS
+    # (instances.py; not in DeepCO3, measured in BENCHMARKS.md).
+    ranking: str = "peaks"
+    # Stride of the co-saliency map in stage 2: 32 = the head on pool5 (paper); 16 = the same
+    # 1×1 head on conv5_3, before the last pooling (twice as fine, no extra weights).
+    cosal_stride: int = 32
     # Input size of the stage-2 forward pass and peak back-propagation; 0 = image_size (paper).
     # The net is fully convolutional, so a larger size gives a finer logit map (stride 32).
     infer_size: int = 0
@@ -59,6 +70,13 @@ class CosegConfig:
     rank_cosal_power: float = 1.0
     contour_px: int = 5  # paper eq. 7: contour = dilate(P,5×5) XOR erode(P,5×5)
     nms_iou_thresh: float = 0.4  # authors' code (RunDeepInstCoseg.m)
+    # "common" only: ring around a mask whose co-saliency it is contrasted with (working px),
+    # instances kept per image, seeds per image that the other images are matched against, and
+    # the exponent of commonness in the final score (BENCHMARKS.md, issue 11)
+    ring_px: int = 8
+    max_instances: int = 20
+    common_seeds: int = 5
+    common_power: float = 1.0
     # Final score = R × consensus^p, consensus = an instance's mean best feature similarity to the
     # other images' instances (ranking.consensus_scores), applied after the noise filter;
     # 0 = off (paper). Not in DeepCO3: see the `fast` preset for the measurement.
@@ -72,7 +90,14 @@ class CosegConfig:
 
     def __post_init__(self) -> None:
         _positive_int(self, "image_size", "epochs", "batch_images", "max_proposals",
-                      "work_max_side", "contour_px")
+                      "work_max_side", "contour_px", "ring_px", "max_instances", "common_seeds")
+        if self.ranking not in RANKINGS:
+            raise ConfigError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        if self.cosal_stride not in COSAL_STRIDES:
+            raise ConfigError(f"cosal_stride must be one of {COSAL_STRIDES}, "
+                              f"got {self.cosal_stride!r}")
+        if self.common_power < 0:
+            raise ConfigError(f"common_power must be >= 0, got {self.common_power}")
         if self.infer_size < 0 or self.infer_size % 32 != 0:
             raise ConfigError("infer_size must be 0 (= image_size) or a positive multiple of 32, "
                               f"got {self.infer_size}")
@@ -149,6 +174,12 @@ PRESETS: dict[str, CosegConfig] = {
         # cross-image consensus re-scoring: 14.6 / 5.0 / 16.0 → 15.7 / 6.1 / 21.9 mAP^r@.25 / @.5 /
         # CorLoc^r on seven coco-dev categories (BENCHMARKS.md, issue 7 second pass)
         consensus_power=2.0,
+        # stage 2: every proposal by co-saliency contrast × commonness on a 20×20 map (640 px
+        # input) instead of eq. 7 per peak (BENCHMARKS.md, issue 11: all 36 coco-dev categories)
+        ranking="common",
+        infer_size=640,
+        cosal_stride=16,
+        nms_iou_thresh=0.5,
         # best measured prior overall (benchmarks/priors.py, coco-dev 294 images): max F-β 0.203
         # vs 0.185 fusion / 0.185 u2netp alone; uses U²-Net-p, TRAINED on saliency labels
         prior="fusion_u2netp",

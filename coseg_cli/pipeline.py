@@ -1,25 +1,24 @@
-"""Orchestration only: priors → fine-tuning → co-saliency peaks → peak back-propagation →
-proposal ranking → NMS → folder-wide noise filter. Each stage's result is cached by content hash
-plus the config fields that change it, so a re-run resumes where the last one stopped."""
+"""Orchestration only: priors → proposals → fine-tuning → stage 2 per image (instances.py) →
+folder-wide selection. Each stage's result is cached under a key built from the config fields
+the stage declares (its module's CONFIG_FIELDS) and the keys of the stages it consumes, so a
+re-run resumes where the last one stopped and a changed option recomputes what it changes."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from . import losses, ranking, saliency, train, weights
+from . import instances as instances_mod
 from . import model as model_mod
-from . import peaks as peaks_mod
 from . import proposals as proposals_mod
+from . import saliency, train, weights
 from .config import CosegConfig, preset_config
 from .errors import InputError
 from .images import load_folder, resize_map, shrink_to
@@ -36,8 +35,30 @@ from .runtime import (
 
 Progress = Callable[[str, int, int], None]
 
-# Bump when a stage's algorithm changes, so old cache entries are not reused.
-CACHE_VERSION = {"prior": 1, "proposals": 2, "instances": 2}
+# Bump when a stage's code changes what it computes; its entries and those downstream are then
+# recomputed (every key holds the keys of the stages it consumes).
+CACHE_VERSION = {"prior": 1, "proposals": 2, "instances": 3}
+
+
+def _fields(cfg: CosegConfig, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in names}
+
+
+def prior_key(sha: str, cfg: CosegConfig) -> str:
+    return config_key("prior", CACHE_VERSION["prior"], sha,
+                      _fields(cfg, saliency.CONFIG_FIELDS))
+
+
+def proposals_key(sha: str, cfg: CosegConfig) -> str:
+    return config_key("proposals", CACHE_VERSION["proposals"], prior_key(sha, cfg),
+                      _fields(cfg, proposals_mod.CONFIG_FIELDS))
+
+
+def instances_key(sha: str, cfg: CosegConfig, model_key: str) -> str:
+    """`model_key`: the fine-tuned weights' digest (train.state_digest), which every training
+    field, the priors and the starting weights determine."""
+    return config_key("instances", CACHE_VERSION["instances"], proposals_key(sha, cfg),
+                      model_key, _fields(cfg, instances_mod.CONFIG_FIELDS))
 
 
 def upscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -57,7 +78,7 @@ def compute_priors(works: list[np.ndarray], sha1s: list[str], cfg: CosegConfig,
     """Saliency prior per image, float32[h,w] in [0,1] at working resolution."""
     priors = []
     for i, (img, sha) in enumerate(zip(works, sha1s)):
-        key = config_key(sha, cfg.prior, cfg.work_max_side, CACHE_VERSION["prior"])
+        key = prior_key(sha, cfg)
         hit = cache.load("prior", key)
         if hit is None:
             prior = saliency.compute_saliency(img, cfg.prior, work_max_side=cfg.work_max_side)
@@ -72,9 +93,7 @@ def compute_priors(works: list[np.ndarray], sha1s: list[str], cfg: CosegConfig,
 def compute_proposals(img: np.ndarray, prior: np.ndarray, sha: str, cfg: CosegConfig,
                       cache: StageCache) -> np.ndarray:
     """bool[N,h,w] candidate masks at working resolution (cached bit-packed)."""
-    key = config_key(sha, cfg.proposal_method, cfg.max_proposals, cfg.min_area_frac,
-                     cfg.max_area_frac, cfg.work_max_side, cfg.prior, cfg.seed,
-                     CACHE_VERSION["proposals"])
+    key = proposals_key(sha, cfg)
     hit = cache.load("proposals", key)
     h, w = img.shape[:2]
     if hit is not None:
@@ -88,106 +107,6 @@ def compute_proposals(img: np.ndarray, prior: np.ndarray, sha: str, cfg: CosegCo
     cache.save("proposals", key, count=np.array(len(masks)),
                packed=np.packbits(masks.reshape(len(masks), h * w), axis=-1))  # N may be 0
     return masks
-
-
-@dataclass
-class Candidates:
-    """Stage-2 result for one image at working resolution (what the instance cache holds).
-
-    Attributes:
-        cosal: float32[h,w] co-saliency in [0,1]. peaks_xy: int64[K,2] (x, y) working px.
-        prop_idx: int64[M] chosen proposal per kept candidate (after NMS), by score descending.
-        scores: float32[M] ranking score R. peak_idx: int64[M] the peak each one came from.
-        embeddings: float32[M,C] unit-norm mean fine-tuned feature inside each mask.
-    """
-
-    cosal: np.ndarray
-    peaks_xy: np.ndarray
-    prop_idx: np.ndarray
-    scores: np.ndarray
-    peak_idx: np.ndarray
-    embeddings: np.ndarray
-
-
-def mask_embeddings(feats: torch.Tensor, masks: np.ndarray) -> np.ndarray:
-    """float32[M,C]: per mask, the unit-norm average of normalised features F̂ over the grid
-    cells it covers (area-weighted), for matching instances across images.
-
-    Args:
-        feats: float[1,C,gh,gw] feature map. masks: bool[M,h,w] at working resolution.
-    """
-    fhat = losses.normalize_features(feats)[0].flatten(1).cpu().numpy()  # [C, gh*gw]
-    gh, gw = feats.shape[-2:]
-    if len(masks) == 0:
-        return np.zeros((0, fhat.shape[0]), np.float32)
-    cover = np.stack([cv2.resize(m.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
-                      for m in masks]).reshape(len(masks), -1)
-    cover /= np.maximum(cover.sum(axis=1, keepdims=True), 1e-12)
-    emb = cover @ fhat.T
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return emb.astype(np.float32)
-
-
-@dataclass
-class PeakScores:
-    """Stage 2 up to the eq. 7 scores, before each peak picks its proposal.
-
-    Attributes:
-        feats: float[1,C,gh,gw] fine-tuned features. cosal: float32[h,w] co-saliency in [0,1].
-        peak_rc: int64[K,2] (row, col) logit cells. peaks_xy: int64[K,2] (x, y) working px.
-        scores: float32[K,N] R for every (peak, proposal); [K,0] or [0,N] when either is absent.
-    """
-
-    feats: torch.Tensor
-    cosal: np.ndarray
-    peak_rc: np.ndarray
-    peaks_xy: np.ndarray
-    scores: np.ndarray
-
-
-def score_peaks(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray, cfg: CosegConfig,
-                device: torch.device | str, chunk: int) -> PeakScores:
-    """Co-saliency, peaks, peak back-propagation and eq. 7 for one image (also what
-    benchmarks/stage2_diagnosis.py inspects, so it measures exactly the pipeline's picks).
-
-    Args:
-        img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
-    """
-    h, w = img.shape[:2]
-    x = model_mod.preprocess([img], cfg.infer_size or cfg.image_size).to(device)
-    with torch.no_grad():
-        feats, logits = net(x)
-    cosal = torch.sigmoid(F.interpolate(logits, size=(h, w), mode="bilinear",
-                                        align_corners=False))[0, 0].cpu().numpy()
-    peak_rc = peaks_mod.find_peaks(logits[0, 0].cpu(), max_peaks=cfg.max_peaks or None)
-    lh, lw = logits.shape[-2:]
-    peaks_xy = np.stack([(peak_rc[:, 1] + 0.5) * w / lw, (peak_rc[:, 0] + 0.5) * h / lh],
-                        axis=1).astype(np.int64) if len(peak_rc) else np.zeros((0, 2), np.int64)
-    scores = np.zeros((len(peak_rc), len(masks)), np.float32)
-    if len(peak_rc) and len(masks):
-        inst_maps = peaks_mod.peak_backprop(net, x, peak_rc, chunk=chunk).cpu().numpy()
-        inst_maps = np.maximum(resize_map(inst_maps, (h, w)), 0.0)
-        rank_cosal = cosal ** cfg.rank_cosal_power if cfg.rank_cosal_power != 1.0 else cosal
-        scores = ranking.score_proposals_batch(inst_maps, rank_cosal, masks, beta=cfg.rank_beta,
-                                               gamma=cfg.rank_gamma, contour_px=cfg.contour_px)
-    return PeakScores(feats=feats, cosal=cosal.astype(np.float32), peak_rc=peak_rc,
-                      peaks_xy=peaks_xy, scores=scores)
-
-
-def image_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
-                     cfg: CosegConfig, device: torch.device, chunk: int) -> Candidates:
-    """Stage 2 for one image: `score_peaks`, then each peak's best proposal and NMS.
-
-    Args:
-        img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
-    """
-    ps = score_peaks(net, img, masks, cfg, device, chunk)
-    picks = ranking.select_instances(ps.scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
-    prop_idx = np.array([p[1] for p in picks], np.int64)
-    return Candidates(cosal=ps.cosal, peaks_xy=ps.peaks_xy, prop_idx=prop_idx,
-                      scores=np.array([p[2] for p in picks], np.float32),
-                      peak_idx=np.array([p[0] for p in picks], np.int64),
-                      embeddings=mask_embeddings(ps.feats, masks[prop_idx]))
 
 
 def as_records(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str
@@ -253,25 +172,20 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
 
     model_key = train.state_digest(net)  # the fine-tuned weights themselves key stage 2
     t_prop = t_inst = 0.0
-    per_image: list[Candidates] = []
+    per_image: list[instances_mod.Candidates] = []
     all_masks: list[np.ndarray] = []
     for i, (img, prior, sha) in enumerate(zip(works, priors, sha1s)):
         t = time.perf_counter()
         masks = compute_proposals(img, prior, sha, cfg, cache)
         t_prop += time.perf_counter() - t
         t = time.perf_counter()
-        key = config_key(model_key, sha, cfg.max_peaks, cfg.rank_beta, cfg.rank_gamma,
-                         # left out at its default, so entries cached before it existed stay valid
-                         *([cfg.rank_cosal_power] if cfg.rank_cosal_power != 1.0 else []),
-                         *([cfg.infer_size] if cfg.infer_size else []),
-                         cfg.contour_px, cfg.nms_iou_thresh, len(masks), CACHE_VERSION["instances"],
-                         cfg.proposal_method, cfg.max_proposals)
+        key = instances_key(sha, cfg, model_key)
         hit = cache.load("instances", key)
         if hit is None:
-            cand = image_candidates(net, img, masks, cfg, device, backprop_chunk)
+            cand = instances_mod.image_stage2(net, img, masks, cfg, device, backprop_chunk)
             cache.save("instances", key, **asdict(cand))
         else:
-            cand = Candidates(**hit)
+            cand = instances_mod.Candidates(**hit)
         per_image.append(cand)
         all_masks.append(masks[cand.prop_idx])
         t_inst += time.perf_counter() - t
@@ -280,23 +194,17 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
     timings["instances"] = t_inst
 
     t = time.perf_counter()
-    keep = ranking.noise_filter([c.scores for c in per_image], percentile=cfg.noise_percentile)
-    final_scores = [c.scores.astype(np.float64) for c in per_image]
-    if cfg.consensus_power > 0:  # the kept instances of the other images vote
-        agree = ranking.consensus_scores([c.embeddings[k] for c, k in zip(per_image, keep)])
-        for s, k, a in zip(final_scores, keep, agree):
-            s[k] *= a ** cfg.consensus_power
+    selected = instances_mod.select_folder(per_image, cfg)
     instances: list[Instance] = []
     cosal_full: list[np.ndarray] = []
-    for i, (rec, cand, masks, kept, scores) in enumerate(zip(records, per_image, all_masks, keep,
-                                                             final_scores)):
+    for i, (rec, cand, masks, (order, scores)) in enumerate(zip(records, per_image, all_masks,
+                                                                selected)):
         shape = rec.image.shape[:2]
         sy, sx = shape[0] / cand.cosal.shape[0], shape[1] / cand.cosal.shape[1]
-        order = [j for j in np.argsort(-scores, kind="stable") if kept[j]]
-        for rank, j in enumerate(order, start=1):
-            px, py = cand.peaks_xy[cand.peak_idx[j]]
+        for rank, (j, score) in enumerate(zip(order, scores), start=1):
+            px, py = cand.peaks_xy[j]
             instances.append(Instance(
-                image_index=i, mask=upscale_mask(masks[j], shape), score=float(scores[j]),
+                image_index=i, mask=upscale_mask(masks[j], shape), score=float(score),
                 peak_xy=(min(int(px * sx), shape[1] - 1), min(int(py * sy), shape[0] - 1)),
                 rank=rank, embedding=cand.embeddings[j]))
         full = resize_map(cand.cosal, shape, cv2.INTER_LINEAR)  # clipped in place: 4 B/px

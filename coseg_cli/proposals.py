@@ -46,6 +46,11 @@ from .errors import ConfigError
 from .images import as_rgb3, shrink_to
 from .records import ProposalSet
 
+# Config fields that change a proposal set (its cache key also holds the prior's key: the
+# thresholded-prior candidates depend on the prior).
+CONFIG_FIELDS = ("proposal_method", "max_proposals", "min_area_frac", "max_area_frac",
+                 "work_max_side", "seed")
+
 # Selective-search strategies: (colour space, Felzenszwalb k, similarity weights colour, texture,
 # size, fill). Colour spaces and k follow the paper's "fast" mode, widened with RGB and k = 200.
 _Strategy = tuple[str, int, tuple[float, float, float, float]]

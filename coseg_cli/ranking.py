@@ -217,6 +217,34 @@ def select_instances(scores: np.ndarray, masks: np.ndarray, *,
     return [(k, int(best[k]), float(best_scores[k])) for k in kept]
 
 
+def greedy_nms(scores: np.ndarray, masks: np.ndarray, *, iou_thresh: float,
+               max_keep: int, pool: int = 0) -> np.ndarray:
+    """Greedy mask-IoU NMS: best score first, keep a mask if its IoU with every kept one is
+    < `iou_thresh`, stop after `max_keep`.
+
+    Args:
+        scores: float[N]. masks: bool[N,H,W]. pool: consider only the best `pool` masks
+            (0 = 10 × max_keep, enough for the kept ones; IoU is computed among these only).
+
+    Returns:
+        int64[K] kept indices, by score descending (ties: lower index first).
+    """
+    scores = np.asarray(scores, np.float64)
+    if len(scores) != len(masks):
+        raise ValueError(f"{len(scores)} scores for {len(masks)} masks")
+    if len(scores) == 0 or max_keep < 1:
+        return np.zeros(0, np.int64)
+    order = np.argsort(-scores, kind="stable")[:pool or 10 * max_keep]
+    iou = mask_iou(masks[order], masks[order])
+    kept: list[int] = []
+    for a in range(len(order)):
+        if all(iou[a, b] < iou_thresh for b in kept):
+            kept.append(a)
+            if len(kept) == max_keep:
+                break
+    return order[kept].astype(np.int64)
+
+
 def noise_filter(scores_per_image: list[np.ndarray], percentile: float = 20.0) -> list[np.ndarray]:
     """Folder-wide filter: drop instances scoring below the folder's `percentile`.
 
@@ -245,12 +273,8 @@ def noise_filter(scores_per_image: list[np.ndarray], percentile: float = 20.0) -
 
 
 def consensus_scores(embeddings: list[np.ndarray]) -> list[np.ndarray]:
-    """How consistently each instance finds a counterpart in the *other* images of the folder.
-
-    Co-segmentation's premise is that the category recurs across the group while clutter does
-    not, so an instance whose fine-tuned feature is matched in most other images is more likely
-    the category. Per instance: the mean, over the other images holding any instance, of its best
-    cosine similarity there, clipped at 0; 1 where no other image has instances.
+    """`commonness` with every image's instances as its own seeds (the "peaks" ranking's
+    re-scoring of the instances that survived the noise filter).
 
     Args:
         embeddings: per image, float32[k_i,C] unit-norm instance features (k_i may be 0).
@@ -258,13 +282,29 @@ def consensus_scores(embeddings: list[np.ndarray]) -> list[np.ndarray]:
     Returns:
         per image, float64[k_i] in [0, 1].
     """
-    mats = [np.asarray(e, np.float64) for e in embeddings]
+    return commonness(embeddings, embeddings)
+
+
+def commonness(embeddings: list[np.ndarray], seeds: list[np.ndarray]) -> list[np.ndarray]:
+    """How well each candidate's feature is matched in the *other* images of the folder.
+
+    Co-segmentation's premise: the category recurs across the group, clutter does not. Per
+    candidate, the mean over the other images that have seeds of its best cosine similarity to
+    their seeds (each image's most co-salient candidates), clipped at 0; 1 when no other image
+    has seeds.
+
+    Args:
+        embeddings: per image, float32[k_i,C] unit-norm candidate features (k_i may be 0).
+        seeds: per image, float32[s_i,C] unit-norm features of that image's seeds.
+
+    Returns:
+        per image, float64[k_i] in [0, 1].
+    """
+    seed_mats = [np.asarray(e, np.float64) for e in seeds]
     out = []
-    for a, ea in enumerate(mats):
-        best = [(ea @ eb.T).max(axis=1) for b, eb in enumerate(mats)
-                if b != a and len(eb) and len(ea)]
-        if not best:
-            out.append(np.ones(len(ea)))
-            continue
-        out.append(np.clip(np.mean(best, axis=0), 0.0, 1.0))
+    for a, emb in enumerate(embeddings):
+        ea = np.asarray(emb, np.float64)
+        best = [(ea @ sb.T).max(axis=1) for b, sb in enumerate(seed_mats)
+                if b != a and len(sb) and len(ea)]
+        out.append(np.clip(np.mean(best, axis=0), 0.0, 1.0) if best else np.ones(len(ea)))
     return out

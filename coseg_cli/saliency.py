@@ -384,6 +384,8 @@ METHODS: dict[str, SaliencyMethod] = {
 # Best measured by `python benchmarks/priors.py` on coco-dev (294 images, 36 categories ≤ 40
 # images, work_max_side 640), max F-β / AUC: fusion_u2netp 0.203 / 0.680, u2netp 0.185 / 0.621,
 # fusion 0.185 / 0.695, mbplus 0.183 / 0.673, spectral_residual 0.149 / 0.688.
+# Config fields that change a prior (the stage cache key holds these and the image's hash).
+CONFIG_FIELDS = ("prior", "work_max_side")
 DEFAULT_METHOD = "fusion_u2netp"  # best overall (uses a trained prior)
 DEFAULT_UNSUPERVISED = "fusion"  # best unsupervised (the paper's setting)
 

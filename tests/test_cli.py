@@ -107,15 +107,24 @@ def test_run_one_failing_folder_exits_1_others_finish(tmp_path):
     assert "broken [x]" in r.stderr
 
 
+# A valid value other than the paper preset's, for options with a fixed set of choices.
+# proposal_method is skipped: one method is registered, so there is no other value to pass.
+_OTHER_CHOICE = {"prior": "spectral_residual", "feature_layer": "fc6_new", "freeze_until": "conv3_3", "ranking": "common",
+                 "cosal_stride": 16, "device": "cpu"}
+
+
 def test_every_config_field_is_a_run_option(tmp_path):
     """The CLI must expose every knob, and each must reach the config unchanged."""
     folder = _folder(tmp_path / "a")
     for field in dataclasses.fields(CosegConfig):
-        if field.name in ("preset",):
+        if field.name in ("preset", "proposal_method"):
             continue
         value = getattr(PRESETS["paper"], field.name)
-        if isinstance(value, str):
-            new = value
+        if field.name in _OTHER_CHOICE:
+            new = _OTHER_CHOICE[field.name]
+            assert new != value, field.name
+        elif isinstance(value, str):
+            raise AssertionError(f"add a second valid value for {field.name} to _OTHER_CHOICE")
         elif isinstance(value, int):
             new = value + 32 if field.name in ("image_size", "infer_size") else value + 1
         else:

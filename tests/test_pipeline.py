@@ -109,16 +109,16 @@ def test_failing_folder_among_good_ones(weights_ready, tiny_folder, tmp_path):
     assert not (out / "bad" / "instances.json").exists()
 
 
-def test_ranking_without_cosaliency_reruns_stage_two_only(first_run, tiny_folder, tmp_path):
-    """--rank-cosal-power 0 (the paper's "without co-saliency" ablation) reuses priors,
+def test_a_stage_two_option_reruns_stage_two_only(first_run, tiny_folder, tmp_path):
+    """A stage-2 option (here the contrast ring of the default "common" ranking) reuses priors,
     proposals and the fine-tuned model but recomputes and re-scores the instances."""
     out = tmp_path / "run"
     shutil.copytree(first_run, out)
     r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(out), *TINY,
-                            "--rank-cosal-power", "0"])
+                            "--ring-px", "24"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["rank_cosal_power"] == 0.0
+    assert manifest["config"]["ring_px"] == 24
     hits = manifest["cache_hits"]
     assert hits.get("prior") == 3 and hits.get("proposals") == 3 and "instances" not in hits
     assert manifest["train"]["cached"] is True

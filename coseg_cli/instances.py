@@ -1,0 +1,267 @@
+"""Stage 2: instance masks from the fine-tuned network, per image, then across the folder.
+
+Two rankings of the mask proposals (`CosegConfig.ranking`):
+
+- "peaks", the paper's: co-saliency peaks, PRM peak back-propagation, eq. 7 per peak, NMS.
+- "common": every proposal is scored by how co-salient it is against its own surroundings
+  (co-saliency contrast on a finer map) and by how well its fine-tuned feature is matched in the
+  other images of the folder (commonness), then NMS. It needs no peak back-propagation.
+
+Per image, `image_stage2` computes what the instance cache holds (`Candidates`); the folder-wide
+step, `select_folder`, turns those into ranked instances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import losses, ranking
+from . import model as model_mod
+from . import peaks as peaks_mod
+from .config import CosegConfig
+from .images import resize_map
+
+# Config fields that change a `Candidates` (its cache key holds these plus the proposals' and
+# the fine-tuned model's keys). `select_folder`'s fields are applied after the cache.
+CONFIG_FIELDS = ("ranking", "image_size", "infer_size", "cosal_stride", "max_peaks",
+                 "rank_beta", "rank_gamma", "rank_cosal_power", "contour_px", "nms_iou_thresh",
+                 "ring_px", "max_instances")
+SELECT_FIELDS = ("ranking", "common_seeds", "common_power", "consensus_power",
+                 "noise_percentile")
+
+# Proposal statistics are taken on a grid this many times coarser than the working image: the
+# co-saliency map is at most 1/16 of the image's resolution, so nothing finer is lost.
+_STATS_SUBSAMPLE = 4
+
+
+@dataclass
+class Candidates:
+    """Stage-2 result for one image at working resolution (what the instance cache holds).
+
+    Attributes:
+        cosal: float32[h,w] co-saliency in [0,1]. peaks_xy: int64[M,2] (x, y) working px, one
+            per candidate: its peak ("peaks"), or its co-saliency maximum ("common").
+        prop_idx: int64[M] proposal index of each candidate, by score descending.
+        scores: float32[M] per-image score (eq. 7, or co-saliency contrast).
+        embeddings: float32[M,C] unit-norm mean fine-tuned feature inside each mask.
+    """
+
+    cosal: np.ndarray
+    peaks_xy: np.ndarray
+    prop_idx: np.ndarray
+    scores: np.ndarray
+    embeddings: np.ndarray
+
+
+def mask_embeddings(feats: torch.Tensor, masks: np.ndarray) -> np.ndarray:
+    """float32[M,C]: per mask, the unit-norm average of normalised features F̂ over the grid
+    cells it covers (area-weighted), for matching instances across images.
+
+    Args:
+        feats: float[1,C,gh,gw] feature map. masks: bool[M,h,w] at working resolution.
+    """
+    fhat = losses.normalize_features(feats)[0].flatten(1).cpu().numpy()  # [C, gh*gw]
+    gh, gw = feats.shape[-2:]
+    if len(masks) == 0:
+        return np.zeros((0, fhat.shape[0]), np.float32)
+    cover = np.stack([cv2.resize(m.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
+                      for m in masks]).reshape(len(masks), -1)
+    cover /= np.maximum(cover.sum(axis=1, keepdims=True), 1e-12)
+    emb = cover @ fhat.T
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb.astype(np.float32)
+
+
+def forward_maps(net: model_mod.CoSegNet, img: np.ndarray, cfg: CosegConfig,
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """One stage-2 forward pass.
+
+    With `cosal_stride` 16 the saliency head (a 1×1 conv) also reads conv5_3, before the last
+    pooling: the same weights on a map twice as fine, where small instances still own a cell.
+
+    Args:
+        img: uint8[h,w,3] at working resolution.
+
+    Returns:
+        feats float[1,C,S/32,S/32] (pool5, for embeddings), logits float[1,1,S/s,S/s] (s the
+        stride) and the co-saliency float32[h,w] in [0,1] (logits upsampled, then sigmoid).
+    """
+    h, w = img.shape[:2]
+    x = model_mod.preprocess([img], cfg.infer_size or cfg.image_size).to(device)
+    with torch.no_grad():
+        if cfg.cosal_stride == 16:
+            conv5 = net.features[:-1](x)
+            feats = net.head(net.features[-1](conv5))
+            logits = net.saliency(conv5)
+        else:
+            feats, logits = net(x)
+        up = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        cosal = torch.sigmoid(up)[0, 0].cpu().numpy().astype(np.float32)
+    return feats, logits, cosal
+
+
+@dataclass
+class PeakScores:
+    """Stage 2 up to the eq. 7 scores, before each peak picks its proposal.
+
+    Attributes:
+        feats: float[1,C,gh,gw] fine-tuned features. cosal: float32[h,w] co-saliency in [0,1].
+        peak_rc: int64[K,2] (row, col) logit cells. peaks_xy: int64[K,2] (x, y) working px.
+        scores: float32[K,N] R for every (peak, proposal); [K,0] or [0,N] when either is absent.
+    """
+
+    feats: torch.Tensor
+    cosal: np.ndarray
+    peak_rc: np.ndarray
+    peaks_xy: np.ndarray
+    scores: np.ndarray
+
+
+def score_peaks(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray, cfg: CosegConfig,
+                device: torch.device | str, chunk: int) -> PeakScores:
+    """Co-saliency, peaks, peak back-propagation and eq. 7 for one image (also what
+    benchmarks/stage2_diagnosis.py inspects, so it measures exactly the pipeline's picks).
+
+    Args:
+        img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
+    """
+    h, w = img.shape[:2]
+    feats, logits, cosal = forward_maps(net, img, cfg, device)  # type: ignore[arg-type]
+    peak_rc = peaks_mod.find_peaks(logits[0, 0].cpu(), max_peaks=cfg.max_peaks or None)
+    lh, lw = logits.shape[-2:]
+    peaks_xy = np.stack([(peak_rc[:, 1] + 0.5) * w / lw, (peak_rc[:, 0] + 0.5) * h / lh],
+                        axis=1).astype(np.int64) if len(peak_rc) else np.zeros((0, 2), np.int64)
+    scores = np.zeros((len(peak_rc), len(masks)), np.float32)
+    if len(peak_rc) and len(masks):
+        x = model_mod.preprocess([img], cfg.infer_size or cfg.image_size).to(device)
+        inst_maps = peaks_mod.peak_backprop(net, x, peak_rc, chunk=chunk).cpu().numpy()
+        inst_maps = np.maximum(resize_map(inst_maps, (h, w)), 0.0)
+        rank_cosal = cosal ** cfg.rank_cosal_power if cfg.rank_cosal_power != 1.0 else cosal
+        scores = ranking.score_proposals_batch(inst_maps, rank_cosal, masks, beta=cfg.rank_beta,
+                                               gamma=cfg.rank_gamma, contour_px=cfg.contour_px)
+    return PeakScores(feats=feats, cosal=cosal, peak_rc=peak_rc, peaks_xy=peaks_xy,
+                      scores=scores)
+
+
+def _peak_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
+                     cfg: CosegConfig, device: torch.device | str, chunk: int) -> Candidates:
+    """The paper's stage 2: `score_peaks`, then each peak's best proposal and NMS."""
+    ps = score_peaks(net, img, masks, cfg, device, chunk)
+    picks = ranking.select_instances(ps.scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
+    prop_idx = np.array([p[1] for p in picks], np.int64)
+    peak_idx = np.array([p[0] for p in picks], np.int64)
+    return Candidates(cosal=ps.cosal, peaks_xy=ps.peaks_xy[peak_idx].reshape(-1, 2),
+                      prop_idx=prop_idx, scores=np.array([p[2] for p in picks], np.float32),
+                      embeddings=mask_embeddings(ps.feats, masks[prop_idx]))
+
+
+def contrast_stats(masks: np.ndarray, cosal: np.ndarray, ring_px: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean co-saliency inside each mask and in the ring just outside it.
+
+    Both are taken on a grid `_STATS_SUBSAMPLE`× coarser than the masks (area-weighted cover),
+    the ring being the mask's cover dilated by `ring_px` working pixels, minus the cover.
+
+    Args:
+        masks: bool[N,h,w]. cosal: float32[h,w] in [0,1]. ring_px: ring width, working px.
+
+    Returns:
+        (inside, ring): float32[N] each, in [0,1] (ring 0 where the mask fills the image).
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    gw, gh = max(1, w // _STATS_SUBSAMPLE), max(1, h // _STATS_SUBSAMPLE)
+    side = 2 * max(1, round(ring_px / _STATS_SUBSAMPLE)) + 1
+    kernel = np.ones((side, side), np.uint8)
+    cover = np.stack([cv2.resize(m.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
+                      for m in masks]).reshape(n, -1)
+    ring = np.stack([cv2.dilate(c.reshape(gh, gw), kernel) for c in cover]).reshape(n, -1)
+    ring = np.clip(ring - cover, 0.0, None)
+    s = cv2.resize(cosal.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA).ravel()
+    inside = cover @ s / np.maximum(cover.sum(axis=1), 1e-12)
+    around = ring @ s / np.maximum(ring.sum(axis=1), 1e-12)
+    return inside.astype(np.float32), around.astype(np.float32)
+
+
+def contrast_scores(inside: np.ndarray, ring: np.ndarray) -> np.ndarray:
+    """Co-saliency contrast: (S inside − S around)₊ · S inside.
+
+    High only for a mask that holds a co-salient blob *and* stops where the blob stops: a mask
+    around two instances, or a part of one, is co-salient on its border too.
+    """
+    return (np.clip(inside - ring, 0.0, None) * inside).astype(np.float32)
+
+
+def _cosal_maxima(masks: np.ndarray, cosal: np.ndarray) -> np.ndarray:
+    """int64[M,2] (x, y) of each mask's co-saliency maximum (its centre of mass if empty)."""
+    out = np.zeros((len(masks), 2), np.int64)
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        if ys.size:
+            k = int(np.argmax(cosal[ys, xs]))
+            out[i] = (xs[k], ys[k])
+    return out
+
+
+def _common_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
+                       cfg: CosegConfig, device: torch.device | str) -> Candidates:
+    """Every proposal scored by co-saliency contrast; NMS keeps at most `max_instances`."""
+    feats, _, cosal = forward_maps(net, img, cfg, device)  # type: ignore[arg-type]
+    inside, ring = contrast_stats(masks, cosal, cfg.ring_px)
+    scores = contrast_scores(inside, ring)
+    keep = ranking.greedy_nms(scores, masks, iou_thresh=cfg.nms_iou_thresh,
+                              max_keep=cfg.max_instances)
+    return Candidates(cosal=cosal, peaks_xy=_cosal_maxima(masks[keep], cosal),
+                      prop_idx=keep, scores=scores[keep],
+                      embeddings=mask_embeddings(feats, masks[keep]))
+
+
+def image_stage2(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray, cfg: CosegConfig,
+                 device: torch.device | str, chunk: int = 4) -> Candidates:
+    """Stage 2 for one image, by `cfg.ranking`.
+
+    Args:
+        img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
+        chunk: peaks per back-propagation pass ("peaks" only).
+    """
+    if cfg.ranking == "peaks":
+        return _peak_candidates(net, img, masks, cfg, device, chunk)
+    return _common_candidates(net, img, masks, cfg, device)
+
+
+def select_folder(per_image: list[Candidates], cfg: CosegConfig) -> list[tuple[np.ndarray,
+                                                                              np.ndarray]]:
+    """The folder-wide step: which candidates of each image are instances, and their scores.
+
+    "peaks": the authors' noise filter, then (if `consensus_power`) × consensus^p.
+    "common": score × commonness^`common_power`, commonness measured against the best
+    `common_seeds` candidates of every other image (`ranking.commonness`).
+
+    Returns:
+        per image, (indices into its candidates by final score descending, float64 scores).
+    """
+    if cfg.ranking == "peaks":
+        keep = ranking.noise_filter([c.scores for c in per_image],
+                                    percentile=cfg.noise_percentile)
+        final = [c.scores.astype(np.float64) for c in per_image]
+        if cfg.consensus_power > 0:  # the kept instances of the other images vote
+            agree = ranking.consensus_scores([c.embeddings[k] for c, k in zip(per_image, keep)])
+            for s, k, a in zip(final, keep, agree):
+                s[k] *= a ** cfg.consensus_power
+    else:
+        seeds = [c.embeddings[:cfg.common_seeds] for c in per_image]  # candidates are sorted
+        common = ranking.commonness([c.embeddings for c in per_image], seeds)
+        final = [c.scores.astype(np.float64) * a ** cfg.common_power
+                 for c, a in zip(per_image, common)]
+        keep = [np.ones(len(s), bool) for s in final]
+    out = []
+    for s, k in zip(final, keep):
+        order = np.array([j for j in np.argsort(-s, kind="stable") if k[j]], np.int64)
+        out.append((order, s[order]))
+    return out

@@ -1,0 +1,153 @@
+"""Stage 2 "common" ranking by hand: co-saliency contrast, NMS, commonness, the folder step;
+and the stage cache keys: a changed option changes exactly the keys of the stages that use it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from coseg_cli import instances, pipeline, proposals, saliency, train
+from coseg_cli.config import PRESETS, RUNTIME_FIELDS, CosegConfig
+from coseg_cli.ranking import commonness, greedy_nms
+
+
+def _square(h: int, w: int, r0: int, c0: int, side: int) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[r0:r0 + side, c0:c0 + side] = True
+    return m
+
+
+def test_contrast_prefers_the_mask_that_stops_where_the_blob_stops() -> None:
+    cosal = _square(64, 64, 24, 24, 16).astype(np.float32)  # one co-salient blob
+    exact = _square(64, 64, 24, 24, 16)
+    loose = _square(64, 64, 16, 16, 32)  # blob + background around it
+    part = _square(64, 64, 24, 24, 8)  # a quarter of the blob
+    masks = np.stack([exact, loose, part])
+    inside, ring = instances.contrast_stats(masks, cosal, ring_px=8)
+    # 4× coarser grid: the exact mask covers cells 6..9 of 16, all 1; its ring (±2 cells) is 0
+    np.testing.assert_allclose(inside, [1.0, 0.25, 1.0], atol=1e-6)
+    assert ring[0] == pytest.approx(0.0)
+    assert ring[1] == pytest.approx(0.0)
+    # the part covers cells 6..7²; dilated by 2 cells → 4..9² (36) minus 4 = 32 ring cells, of
+    # which the blob (6..9²) holds 16 − 4 = 12
+    assert ring[2] == pytest.approx(12 / 32)
+    scores = instances.contrast_scores(inside, ring)
+    np.testing.assert_allclose(scores, [1.0, 0.25 * 0.25, 1.0 - 12 / 32], atol=1e-6)
+    assert scores.argmax() == 0
+
+
+def test_contrast_empty_and_full_masks() -> None:
+    cosal = np.full((8, 8), 0.5, np.float32)
+    inside, ring = instances.contrast_stats(np.zeros((0, 8, 8), bool), cosal, ring_px=4)
+    assert inside.shape == ring.shape == (0,)
+    inside, ring = instances.contrast_stats(np.ones((1, 8, 8), bool), cosal, ring_px=4)
+    assert inside[0] == pytest.approx(0.5) and ring[0] == 0.0  # no outside: ring is empty
+
+
+def test_greedy_nms_hand_case() -> None:
+    a = _square(10, 10, 0, 0, 4)
+    b = _square(10, 10, 0, 1, 4)  # IoU with a: 12 / 20 = 0.6
+    c = _square(10, 10, 6, 6, 4)
+    masks = np.stack([a, b, c])
+    np.testing.assert_array_equal(greedy_nms(np.array([0.9, 0.8, 0.1]), masks, iou_thresh=0.5,
+                                             max_keep=5), [0, 2])
+    np.testing.assert_array_equal(greedy_nms(np.array([0.9, 0.8, 0.1]), masks, iou_thresh=0.7,
+                                             max_keep=5), [0, 1, 2])
+    np.testing.assert_array_equal(greedy_nms(np.array([0.1, 0.8, 0.9]), masks, iou_thresh=0.7,
+                                             max_keep=2), [2, 1])
+    np.testing.assert_array_equal(greedy_nms(np.array([0.5, 0.5, 0.5]), masks, iou_thresh=0.5,
+                                             max_keep=5), [0, 2])  # ties: lower index first
+    assert greedy_nms(np.zeros(0), np.zeros((0, 4, 4), bool), iou_thresh=0.5,
+                      max_keep=3).shape == (0,)
+    with pytest.raises(ValueError, match="scores"):
+        greedy_nms(np.zeros(2), masks, iou_thresh=0.5, max_keep=3)
+
+
+def test_commonness_hand_case() -> None:
+    e = np.eye(3, dtype=np.float32)
+    tilt = np.array([[0.6, 0.8, 0.0]], np.float32)
+    cands = [e[:2], tilt, e[2:]]
+    seeds = [e[:1], tilt, np.zeros((0, 3), np.float32)]  # image 2 has no seeds: not a voter
+    out = commonness(cands, seeds)
+    np.testing.assert_allclose(out[0], [0.6, 0.8])  # only image 1 votes
+    np.testing.assert_allclose(out[1], [0.6])  # only image 0 votes (its seed is [1,0,0])
+    np.testing.assert_allclose(out[2], [0.0])  # orthogonal to both voters' seeds
+    np.testing.assert_allclose(commonness([e[:1]], [e[:1]])[0], [1.0])  # nobody else: neutral
+
+
+def test_select_folder_common_multiplies_by_commonness() -> None:
+    cfg = dataclasses.replace(PRESETS["fast"], common_seeds=1, common_power=2.0)
+    e = np.eye(2, dtype=np.float32)
+    cand = [instances.Candidates(cosal=np.zeros((4, 4), np.float32),
+                                 peaks_xy=np.zeros((2, 2), np.int64),
+                                 prop_idx=np.arange(2), scores=np.array([0.5, 0.4], np.float32),
+                                 embeddings=e),
+            instances.Candidates(cosal=np.zeros((4, 4), np.float32),
+                                 peaks_xy=np.zeros((1, 2), np.int64),
+                                 prop_idx=np.arange(1), scores=np.array([0.3], np.float32),
+                                 embeddings=e[1:])]
+    (order0, s0), (order1, s1) = instances.select_folder(cand, cfg)
+    # image 0 is matched against image 1's seed [0,1]: commonness 0 and 1 → 0.4 wins
+    np.testing.assert_array_equal(order0, [1, 0])
+    np.testing.assert_allclose(s0, [0.4, 0.0], atol=1e-7)
+    # image 1 against image 0's first (best) candidate [1,0]: commonness 0
+    np.testing.assert_allclose(s1, [0.0], atol=1e-7)
+    np.testing.assert_array_equal(order1, [0])
+
+
+# ---------------------------------------------------------------- stage cache keys
+
+_STAGES = ("prior", "proposals", "train", "instances", "select")
+
+
+def _keys(cfg: CosegConfig) -> dict[str, str]:
+    """Every cache key of one image under `cfg`, chained as the pipeline chains them (the
+    fine-tuned weights' digest stands in as the training key)."""
+    model_key = train.train_cache_key(["img"], cfg)
+    return {"prior": pipeline.prior_key("img", cfg),
+            "proposals": pipeline.proposals_key("img", cfg),
+            "train": model_key,
+            "instances": pipeline.instances_key("img", cfg, model_key)}
+
+
+_DECLARED = {"prior": saliency.CONFIG_FIELDS, "proposals": proposals.CONFIG_FIELDS,
+             "train": train.TRAIN_FIELDS, "instances": instances.CONFIG_FIELDS,
+             "select": instances.SELECT_FIELDS}
+# what each stage consumes: a change upstream must reach its key
+_UPSTREAM = {"prior": (), "proposals": ("prior",), "train": (), "instances": ("proposals",
+                                                                              "train")}
+
+
+def _changed_value(field: dataclasses.Field, value):
+    choices = {"prior": ("fusion", "spectral_residual"), "proposal_method": ("other",),
+               "feature_layer": ("fc6_new", "pool5"), "freeze_until": ("none", "conv3_3"),
+               "ranking": ("peaks", "common"), "cosal_stride": (16, 32),
+               "device": ("cpu", "auto"), "preset": ("x",)}
+    if field.name in choices:
+        return next(c for c in choices[field.name] if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 32
+    return value / 2 if value >= 0.5 else value * 2 + 0.25
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(CosegConfig), ids=lambda f: f.name)
+def test_a_changed_field_changes_exactly_the_keys_that_use_it(field) -> None:
+    base = PRESETS["fast"]
+    declared = {s for s, names in _DECLARED.items() if field.name in names}
+    if field.name in RUNTIME_FIELDS:
+        assert not declared, f"{field.name} is runtime-only yet declared by {declared}"
+    else:
+        assert declared, f"{field.name} is declared by no stage and is not runtime-only"
+    cfg = CosegConfig(**{**dataclasses.asdict(base),
+                         field.name: _changed_value(field, getattr(base, field.name))})
+    before, after = _keys(base), _keys(cfg)
+    expect = set()
+    for stage in ("prior", "train", "proposals", "instances"):  # upstream first
+        if stage in declared or any(u in expect for u in _UPSTREAM[stage]):
+            expect.add(stage)
+    got = {s for s in before if before[s] != after[s]}
+    assert got == expect, (field.name, got, expect)
