@@ -30,10 +30,10 @@ from pycocotools import mask as mask_utils
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coseg_cli import export, images, pipeline, train, weights  # noqa: E402
-from coseg_cli import model as model_mod  # noqa: E402
-from coseg_cli.config import CosegConfig, preset_config  # noqa: E402
-from coseg_cli.evaluate import (  # noqa: E402
+from coseg_cli import export, images, pipeline, train, weights
+from coseg_cli import model as model_mod
+from coseg_cli.config import CosegConfig, preset_config
+from coseg_cli.evaluate import (
     GTCategory,
     ImagePredictions,
     evaluate_category,
@@ -41,7 +41,7 @@ from coseg_cli.evaluate import (  # noqa: E402
     load_predictions,
     mask_ious,
 )
-from coseg_cli.runtime import StageCache  # noqa: E402
+from coseg_cli.runtime import StageCache
 
 DATA = REPO.parent / "shared" / "data" / "coco-dev"
 SIZES = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, np.inf))

@@ -128,3 +128,20 @@ def test_a_stage_two_option_reruns_stage_two_only(first_run, tiny_folder, tmp_pa
         return [a["score"] for a in data["annotations"]]
 
     assert scores(out) and scores(out) != scores(first_run)
+
+
+def test_changed_option_into_a_used_out_equals_a_fresh_run(first_run, tiny_folder, tmp_path):
+    """Issue 12's stale-cache case: a proposals option changed between two runs into one OUT
+    must give byte for byte what a fresh run of the second command gives."""
+    used = tmp_path / "used"
+    shutil.copytree(first_run, used)
+    changed = [*TINY, "--min-area-frac", "0.05"]
+    r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(used), *changed])
+    assert r.exit_code == 0, r.output
+    hits = json.loads((used / "manifest.json").read_text())["cache_hits"]
+    assert hits.get("prior") == 3 and "proposals" not in hits and "instances" not in hits
+    fresh = tmp_path / "fresh"
+    r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(fresh), *changed])
+    assert r.exit_code == 0, r.output
+    assert _snapshot(used) == _snapshot(fresh)
+    assert _snapshot(used) != _snapshot(first_run)
