@@ -6,6 +6,7 @@ For each GT instance (at working resolution) it reports whether some candidate o
 pixel AUC of the co-saliency map and of the prior against the union of the GT instances. Run
 `benchmarks/quality.py` first with the same --cache and settings: the fine-tuned model,
 priors and proposals come from its stage cache (missing entries are computed, not guessed).
+It inspects the paper's "peaks" ranking (`instances.score_peaks`), whatever the preset's.
 
     python benchmarks/stage2_diagnosis.py --categories pizza,laptop --cache /tmp/coseg-quality/cache
 """
@@ -24,11 +25,10 @@ from scipy.stats import rankdata
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coseg_cli import images, instances, pipeline, ranking, train, weights  # noqa: E402
-from coseg_cli import model as model_mod  # noqa: E402
-from coseg_cli.config import CosegConfig, preset_config  # noqa: E402
-from coseg_cli.evaluate import load_gt_json  # noqa: E402
-from coseg_cli.runtime import StageCache  # noqa: E402
+from coseg_cli import images, instances, pipeline, ranking
+from coseg_cli.config import CosegConfig, preset_config
+from coseg_cli.evaluate import load_gt_json
+from coseg_cli.runtime import StageCache
 
 DATA = REPO.parent / "shared" / "data" / "coco-dev"
 THRESHOLDS = (0.25, 0.5)
@@ -73,7 +73,6 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/coseg-quality/cache"))
     args = ap.parse_args()
     cfg = preset_config(args.preset)
-    state, _ = weights.load_vgg16_features(None)
     rows: dict[str, dict[str, float]] = {}
     for cat in args.categories.split(","):
         records, _ = images.load_folder(args.data / cat / "images")
@@ -82,10 +81,7 @@ def main() -> None:
         works = [images.shrink_to(r.image, cfg.work_max_side) for r in records]
         sha1s = [r.sha1 for r in records]
         priors = pipeline.compute_priors(works, sha1s, cfg, cache)
-        net = model_mod.build_model(cfg, state)
-        train.load_or_finetune(net, works, priors, sha1s, cfg, device="cpu",
-                               cache_dir=args.cache / cat / "model")
-        net.eval()
+        net, _, _ = pipeline.finetuned_model(works, priors, sha1s, cfg, "cpu", args.cache / cat)
         per_image = []
         for rec, img, prior in zip(records, works, priors):
             gt_img = gt.images[gt.lookup(rec.name, None)]

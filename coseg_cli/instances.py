@@ -240,8 +240,9 @@ def select_folder(per_image: list[Candidates], cfg: CosegConfig) -> list[tuple[n
     """The folder-wide step: which candidates of each image are instances, and their scores.
 
     "peaks": the authors' noise filter, then (if `consensus_power`) × consensus^p.
-    "common": score × commonness^`common_power`, commonness measured against the best
-    `common_seeds` candidates of every other image (`ranking.commonness`).
+    "common": (score / the image's best score) × commonness^`common_power`, commonness
+    measured against the best `common_seeds` candidates of every other image
+    (`ranking.commonness`).
 
     Returns:
         per image, (indices into its candidates by final score descending, float64 scores).
@@ -257,8 +258,10 @@ def select_folder(per_image: list[Candidates], cfg: CosegConfig) -> list[tuple[n
     else:
         seeds = [c.embeddings[:cfg.common_seeds] for c in per_image]  # candidates are sorted
         common = ranking.commonness([c.embeddings for c in per_image], seeds)
-        final = [c.scores.astype(np.float64) * a ** cfg.common_power
-                 for c, a in zip(per_image, common)]
+        # every photo of the folder shows the category (the premise of co-segmentation), so
+        # each image's best contrast counts as 1: scores compare across images
+        final = [c.scores.astype(np.float64) / max(float(c.scores.max(initial=0.0)), 1e-12)
+                 * a ** cfg.common_power for c, a in zip(per_image, common)]
         keep = [np.ones(len(s), bool) for s in final]
     out = []
     for s, k in zip(final, keep):

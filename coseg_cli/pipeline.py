@@ -109,6 +109,23 @@ def compute_proposals(img: np.ndarray, prior: np.ndarray, sha: str, cfg: CosegCo
     return masks
 
 
+def finetuned_model(works: list[np.ndarray], priors: list[np.ndarray], sha1s: list[str],
+                    cfg: CosegConfig, device: Any, cache_dir: Path | None,
+                    weights_path: Path | None = None, progress: Progress | None = None
+                    ) -> tuple[model_mod.CoSegNet, train.TrainReport, weights.WeightsInfo]:
+    """Stage 1: the folder's fine-tuned network (from `<cache_dir>/model` when cached), in
+    eval mode on `device`, with its training report and the starting weights' provenance."""
+    state, winfo = weights.load_vgg16_features(weights_path)
+    net = model_mod.build_model(cfg, state).to(device)
+    model_cache = None if cache_dir is None else Path(cache_dir) / "model"
+    report = train.load_or_finetune(net, works, priors, sha1s, cfg, device=device,
+                                    cache_dir=model_cache,
+                                    progress=None if progress is None else
+                                    (lambda stage, done, total, *_: progress(stage, done, total)))
+    net.eval()
+    return net, report, winfo
+
+
 def as_records(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str
                ) -> list[ImageRecord]:
     """Accept a folder, loaded records, or RGB uint8 arrays (named image_000.png, …)."""
@@ -160,14 +177,8 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
     timings["prior"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    state, winfo = weights.load_vgg16_features(weights_path)
-    net = model_mod.build_model(cfg, state).to(device)
-    model_cache = None if cache_dir is None else Path(cache_dir) / "model"
-    report = train.load_or_finetune(net, works, priors, sha1s, cfg, device=device,
-                                    cache_dir=model_cache,
-                                    progress=None if progress is None else
-                                    (lambda stage, done, total, *_: progress(stage, done, total)))
-    net.eval()
+    net, report, winfo = finetuned_model(works, priors, sha1s, cfg, device, cache_dir,
+                                         weights_path, progress)
     timings["train"] = time.perf_counter() - t
 
     model_key = train.state_digest(net)  # the fine-tuned weights themselves key stage 2

@@ -89,9 +89,10 @@ def test_select_folder_common_multiplies_by_commonness() -> None:
                                  prop_idx=np.arange(1), scores=np.array([0.3], np.float32),
                                  embeddings=e[1:])]
     (order0, s0), (order1, s1) = instances.select_folder(cand, cfg)
-    # image 0 is matched against image 1's seed [0,1]: commonness 0 and 1 → 0.4 wins
+    # image 0 is matched against image 1's seed [0,1]: commonness 0 and 1 → the second wins,
+    # its score 0.4 over the image's best 0.5
     np.testing.assert_array_equal(order0, [1, 0])
-    np.testing.assert_allclose(s0, [0.4, 0.0], atol=1e-7)
+    np.testing.assert_allclose(s0, [0.8, 0.0], atol=1e-7)
     # image 1 against image 0's first (best) candidate [1,0]: commonness 0
     np.testing.assert_allclose(s1, [0.0], atol=1e-7)
     np.testing.assert_array_equal(order1, [0])
