@@ -179,7 +179,6 @@ PRESETS: dict[str, CosegConfig] = {
         ranking="common",
         infer_size=640,
         cosal_stride=16,
-        nms_iou_thresh=0.5,
         # best measured prior overall (benchmarks/priors.py, coco-dev 294 images): max F-β 0.203
         # vs 0.185 fusion / 0.185 u2netp alone; uses U²-Net-p, TRAINED on saliency labels
         prior="fusion_u2netp",
