@@ -168,8 +168,8 @@ def main() -> None:
         seconds[cat] = time.time() - t
         stages = " ".join(f"{k}={v:.0f}" for k, v in result.timings.items() if k != "total")
         print(f"  ran {cat}: {len(records)} images, {len(result.instances)} instances, "
-              f"{seconds[cat]:.1f} s ({stages}; cache hits {result.info['cache_hits']})",
-              flush=True)
+              f"{seconds[cat]:.1f} s ({stages}; cache hits {result.info['cache_hits']})\n"
+              f"  {_row(cat, method[cat])}   | baseline {_row('', base[cat])[14:]}", flush=True)
     done = list(method)
     if not done:
         raise SystemExit("no category was run")
