@@ -565,10 +565,16 @@ def main() -> None:
         if isinstance(exc, SystemExit) and not received:
             raise
         signum = received[0] if received else int(signal.SIGINT)
-        err.print(f"[red]error:[/] interrupted ({signal.Signals(signum).name}); finished "
-                  "folders and cached stages are kept: run the same command again to resume",
+        kept = ("finished folders and cached stages are kept: run the same command again to "
+                "resume") if _command(sys.argv[1:]) == "run" else "no half-written file is left"
+        err.print(f"[red]error:[/] interrupted ({signal.Signals(signum).name}); {kept}",
                   soft_wrap=True)
         sys.exit(128 + signum)
+
+
+def _command(args: list[str]) -> str | None:
+    """The subcommand of a command line (its first word that is not an option)."""
+    return next((a for a in args if not a.startswith("-")), None)
 
 
 __all__ = ["app", "main", "Path"]

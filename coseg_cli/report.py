@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from . import export
+from .coco import check_dataset_masks
 from .errors import InputError
 from .records import ImageRecord
 from .runtime import atomic_write_bytes
@@ -157,6 +158,12 @@ def summarize(out_dir: Path) -> tuple[dict[str, Any], list[ImageSummary], Thresh
     out_dir = Path(out_dir)
     coco_data = _read_json(out_dir / "instances.json")
     manifest = _read_json(out_dir / "manifest.json")
+    if not isinstance(manifest, dict):
+        raise InputError(f"{out_dir / 'manifest.json'} is not a coseg manifest (not an object)")
+    if not (isinstance(coco_data, dict) and isinstance(coco_data.get("images"), list)
+            and isinstance(coco_data.get("annotations"), list)):
+        raise InputError(f"{out_dir / 'instances.json'} is not a COCO dataset dict")
+    check_dataset_masks(coco_data, out_dir / "instances.json")
     try:
         images = sorted(coco_data["images"], key=lambda im: int(im["id"]))
         names = [str(im["file_name"]) for im in images]

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -416,3 +417,201 @@ def test_odd_images_give_a_correct_result(odd_run):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["images"] == 2 + len(ODD_BUT_GOOD)
+
+
+# --------------------------------------------------------------------------- malformed masks
+
+H0, W0 = 422, 640  # size of the first image of examples/bottle-annotations.json
+_VALID_COUNTS = "PhW8"  # an empty H0 x W0 mask, as pycocotools writes it
+# name → (segmentation, text the error line must hold). Each is checked in every reader.
+BAD_MASKS = {
+    "RLE string that is not RLE (pycocotools spun >10 min)":
+        ({"size": [H0, W0], "counts": "@@@@not-rle"}, "character 't' at position 6"),
+    "RLE string decoding to negative runs":
+        ({"size": [H0, W0], "counts": "@@@@"}, "negative run length (-16 at run 0)"),
+    "RLE string whose runs do not sum to H·W":
+        ({"size": [H0, W0], "counts": "0k0"}, "covers 27 pixels but the 422x640 image has 270080"),
+    "RLE string with trailing garbage":
+        ({"size": [H0, W0], "counts": _VALID_COUNTS + "`"}, "trailing garbage"),
+    "RLE string with a 7-character run length":
+        ({"size": [H0, W0], "counts": "oooooo0"}, "longer than 6 characters"),
+    "RLE string with a NUL byte":
+        ({"size": [H0, W0], "counts": "Ph\x00W8"}, "character '\\x00' at position 2"),
+    "uncompressed RLE with a negative run":
+        ({"size": [H0, W0], "counts": [-5, H0 * W0 + 5]}, "negative run length (-5 at run 0)"),
+    "uncompressed RLE whose runs do not sum to H·W":
+        ({"size": [H0, W0], "counts": [1, 2, 3]}, "covers 6 pixels"),
+    "uncompressed RLE of non-integers":
+        ({"size": [H0, W0], "counts": [0.5, "x"]}, "must be integers, got 0.5 at run 0"),
+    "RLE size that is not the image's":
+        ({"size": [H0 + 1, W0], "counts": [(H0 + 1) * W0]}, "mask is 423x640 (HxW) but the image"),
+    "RLE size that is not two integers":
+        ({"size": "big", "counts": _VALID_COUNTS}, "'size' must be [height, width] integers"),
+    "RLE without counts": ({"size": [H0, W0]}, "needs 'size' and 'counts'"),
+    "polygon of 2 points": ([[10, 10, 50, 50]], "polygon 0 has 2 point(s)"),
+    "polygon of an odd count": ([[10, 10, 50, 50, 10]], "odd number of coordinates (5)"),
+    "polygon with NaN": ([[10, 10, 50, float("nan"), 10, 50]], "coordinate 3 is not finite"),
+    "polygon with a string": ([[10, 10, "50", 50, 10, 50]], "coordinate 2 is not a number"),
+    "polygon far outside the image": ([[10, 10, 1e12, 10, 10, 50]], "far outside"),
+    "segmentation that is a number": (42, "must be a list of polygons or an RLE"),
+}
+
+
+def _pred_with(seg) -> dict:
+    """Predictions for the GT's first image holding one annotation with segmentation `seg`."""
+    first = json.loads(GT.read_text())["images"][0]
+    assert (first["height"], first["width"]) == (H0, W0)
+    return {"images": [{"id": 1, "file_name": first["file_name"], "height": H0, "width": W0}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": seg,
+                             "score": 0.9, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "bottle"}]}
+
+
+def _mask_reader_cli(reader: str, seg, tmp_path: Path) -> tuple[list[str], Path]:
+    """Arguments running `reader` on a file holding `seg` as its first annotation, and that
+    file."""
+    if reader == "eval --gt":
+        gt = json.loads(GT.read_text())
+        gt["annotations"][0]["segmentation"] = seg
+        path = tmp_path / "annotations.json"
+        path.write_text(json.dumps(gt))
+        pred = tmp_path / "pred.json"
+        pred.write_text(json.dumps(_pred_with({"size": [H0, W0], "counts": _VALID_COUNTS})))
+        return ["eval", "--gt", str(path), "--pred", str(pred)], path
+    run_out = tmp_path / "run"
+    run_out.mkdir()
+    path = run_out / "instances.json"
+    path.write_text(json.dumps(_pred_with(seg)))
+    (run_out / "manifest.json").write_text("{}")
+    if reader == "eval --pred":
+        return ["eval", "--gt", str(GT), "--pred", str(run_out)], path
+    if reader == "merge":
+        return ["merge", str(run_out), "--out", str(tmp_path / "merged")], path
+    return ["report", str(run_out)], path
+
+
+def test_valid_counts_constant_is_an_empty_mask():
+    from coseg_cli.coco import decode, encode_masks
+
+    assert encode_masks(np.zeros((1, H0, W0), bool))[0]["counts"] == _VALID_COUNTS
+    assert not decode(encode_masks(np.zeros((1, H0, W0), bool))[0]).any()
+
+
+@pytest.mark.parametrize("reader", ["eval --gt", "eval --pred", "merge", "report"])
+@pytest.mark.parametrize("kind", list(BAD_MASKS))
+def test_malformed_mask_is_one_line_in_every_reader(kind, reader, tmp_path):
+    """Every reader validates with the same function before pycocotools sees the mask: one line
+    naming the file, the annotation index and the image, at once."""
+    import time
+
+    seg, needle = BAD_MASKS[kind]
+    args, path = _mask_reader_cli(reader, seg, tmp_path)
+    t0 = time.perf_counter()
+    r = runner.invoke(app, args)
+    seconds = time.perf_counter() - t0
+    line = _assert_one_error(r, 1, str(path), "annotations[0]", "000000000790.jpg", needle)
+    assert seconds < 1.0, (seconds, line)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "run" / "report.html").exists()
+
+
+def test_image_size_in_a_coco_file_is_checked(tmp_path):
+    """Height/width that are not positive integers, or too large to hold, are one line too."""
+    for value, needle in ((float("inf"), "needs integer 'height'"), ("422", "needs integer"),
+                          (0, "is not positive"), (10 ** 6, "larger than 250000000 pixels")):
+        pred = _pred_with([[10, 10, 50, 10, 10, 50]])
+        pred["images"][0]["height"] = value
+        run_out = tmp_path / f"run-{value}"
+        run_out.mkdir()
+        (run_out / "instances.json").write_text(json.dumps(pred))
+        (run_out / "manifest.json").write_text("{}")
+        _assert_one_error(runner.invoke(app, ["report", str(run_out)]), 1, "image 000000000790",
+                          needle)
+
+
+def test_malformed_rle_in_a_real_process_exits_at_once(tmp_path):
+    """The reported hang: pycocotools' C decoder spun >10 minutes on this input, deaf to
+    SIGTERM. Now a real `coseg eval` answers with one line well within the `timeout 20`."""
+    import time
+
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps(_pred_with({"size": [H0, W0], "counts": "@@@@not-rle"})))
+    t0 = time.perf_counter()
+    p = _cli("eval", "--gt", GT, "--pred", pred)
+    assert time.perf_counter() - t0 < 20
+    assert p.returncode == 1 and "Traceback" not in p.stderr and p.stdout == ""
+    lines = _error_lines(p.stderr)
+    assert len(lines) == 1 and "pred.json: annotations[0] (id 1) of image 000000000790.jpg: " \
+        "compressed RLE 'counts' is malformed" in lines[0], p.stderr
+
+
+@pytest.fixture(scope="module")
+def big_run_output(tmp_path_factory) -> Path:
+    """A valid run output large enough to keep eval/merge/report busy for seconds: 20,000
+    noisy 40x40 masks (long RLE strings) in one instances.json (~16 MB)."""
+    from coseg_cli.coco import encode_masks
+
+    out = tmp_path_factory.mktemp("big") / "run"
+    out.mkdir()
+    noise = np.random.default_rng(0).random((1, 40, 40)) < 0.5
+    seg = encode_masks(noise)[0]
+    per_image, n_images = 20, 1000
+    images = [{"id": i + 1, "file_name": f"{i}.jpg", "height": 40, "width": 40}
+              for i in range(n_images)]
+    anns = [{"id": j + 1, "image_id": j // per_image + 1, "category_id": 1, "segmentation": seg,
+             "score": 0.5, "iscrowd": 0} for j in range(n_images * per_image)]
+    (out / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    (out / "manifest.json").write_text("{}")
+    return out
+
+
+def _handles_sigterm(pid: int) -> bool:
+    """Whether the process has installed its SIGTERM handler (cli.main does, before any work)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(ln for ln in status.splitlines() if ln.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (int(signal.SIGTERM) - 1)))
+
+
+def _bytes_read(pid: int) -> int:
+    return int(next(ln for ln in Path(f"/proc/{pid}/io").read_text().splitlines()
+                    if ln.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("command", ["eval", "merge", "report"])
+def test_sigterm_mid_read_stops_within_two_seconds(command, big_run_output, tmp_path):
+    """eval/merge/report honour SIGTERM while validating and scoring masks: exit 143 with one
+    line within 2 s (no C call on a mask runs long: every mask is validated first)."""
+    import time
+
+    args = {"eval": ["eval", "--gt", big_run_output / "instances.json", "--pred",
+                     big_run_output],
+            "merge": ["merge", big_run_output, "--out", tmp_path / "merged"],
+            "report": ["report", big_run_output]}[command]
+    size = (big_run_output / "instances.json").stat().st_size
+    env = {**os.environ, "COSEG_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "coseg_cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                _handles_sigterm(proc.pid) and _bytes_read(proc.pid) >= size):
+            time.sleep(0.005)  # the handler is set and instances.json was read: work is under way
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    assert seconds < 2.0, seconds
+    lines = _error_lines(stderr)
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    assert "interrupted (SIGTERM); no half-written file is left" in lines[0]
+    assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
+    assert not (big_run_output / "report.html").exists()
+    assert not [p for p in big_run_output.parent.rglob("*") if ".part" in p.name]
