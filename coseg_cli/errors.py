@@ -19,3 +19,7 @@ class WeightsError(CosegError):
 
 class TrainingError(CosegError):
     """Fine-tuning diverged (NaN/inf loss) or could not run."""
+
+
+class LockedError(CosegError):
+    """Another coseg run is writing the same output folder."""

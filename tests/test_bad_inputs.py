@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -502,8 +504,6 @@ def test_valid_counts_constant_is_an_empty_mask():
 def test_malformed_mask_is_one_line_in_every_reader(kind, reader, tmp_path):
     """Every reader validates with the same function before pycocotools sees the mask: one line
     naming the file, the annotation index and the image, at once."""
-    import time
-
     seg, needle = BAD_MASKS[kind]
     args, path = _mask_reader_cli(reader, seg, tmp_path)
     t0 = time.perf_counter()
@@ -531,8 +531,6 @@ def test_image_size_in_a_coco_file_is_checked(tmp_path):
 def test_malformed_rle_in_a_real_process_exits_at_once(tmp_path):
     """The reported hang: pycocotools' C decoder spun >10 minutes on this input, deaf to
     SIGTERM. Now a real `coseg eval` answers with one line well within the `timeout 20`."""
-    import time
-
     pred = tmp_path / "pred.json"
     pred.write_text(json.dumps(_pred_with({"size": [H0, W0], "counts": "@@@@not-rle"})))
     t0 = time.perf_counter()
@@ -582,8 +580,6 @@ def _bytes_read(pid: int) -> int:
 def test_sigterm_mid_read_stops_within_two_seconds(command, big_run_output, tmp_path):
     """eval/merge/report honour SIGTERM while validating and scoring masks: exit 143 with one
     line within 2 s (no C call on a mask runs long: every mask is validated first)."""
-    import time
-
     args = {"eval": ["eval", "--gt", big_run_output / "instances.json", "--pred",
                      big_run_output],
             "merge": ["merge", big_run_output, "--out", tmp_path / "merged"],
@@ -615,3 +611,142 @@ def test_sigterm_mid_read_stops_within_two_seconds(command, big_run_output, tmp_
     assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
     assert not (big_run_output / "report.html").exists()
     assert not [p for p in big_run_output.parent.rglob("*") if ".part" in p.name]
+
+
+# --------------------------------------------------------------------------- two runs, one OUT
+
+
+def _fake_cosegment(records, cfg, **kw):
+    """The stage math is tested elsewhere: one square instance on the first image."""
+    from coseg_cli.records import Instance, RunResult
+
+    h, w = records[0].image.shape[:2]
+    mask = np.zeros((h, w), bool)
+    mask[h // 4: h // 2, w // 4: w // 2] = True
+    return RunResult(images=records, instances=[Instance(0, mask, 0.9, (w // 3, h // 3), 1)],
+                     cosaliency=[np.full(r.image.shape[:2], 0.5, np.float32) for r in records],
+                     config={"seed": 0, "preset": "fast"}, environment={}, timings={},
+                     category=kw.get("category") or "object")
+
+
+@pytest.fixture
+def fast_pipeline(monkeypatch):
+    from coseg_cli import pipeline
+
+    monkeypatch.setattr(pipeline, "cosegment", _fake_cosegment)
+
+
+def _write_lock(out: Path, pid: int, host: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".coseg.lock"
+    lock.write_text(json.dumps({"pid": pid, "host": host, "token": "other",
+                                "started": "2026-01-01T00:00:00+00:00"}))
+    return lock
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_second_run_into_the_same_out_is_refused(weights_ready, tmp_path):
+    """Two real `coseg run` processes into one OUT: the second exits 1 at once naming the first
+    one's pid and host; SIGTERM to the first removes its lock (exit 143)."""
+    folder = _good(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    env = {**os.environ, "COSEG_OFFLINE": "1", "COLUMNS": "200"}
+    first = subprocess.Popen([sys.executable, "-m", "coseg_cli", "run", str(folder), "--out",
+                              str(out), *TINY, "--epochs", "200"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while first.poll() is None and not (out / ".coseg.lock").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        second = _cli("run", folder, "--out", out, *TINY)
+        assert time.monotonic() - t0 < 30  # interpreter + torch start-up; no work is done
+        assert first.poll() is None, first.communicate()  # still working: it held the lock
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        lines = _error_lines(second.stderr)
+        assert len(lines) == 1, second.stderr
+        assert f"is in use by another coseg run (pid {first.pid} on host " \
+               f"{socket.gethostname()}" in lines[0]
+        assert (out / ".coseg.lock").exists()  # the refused run did not touch the lock
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 143, stderr
+    assert not (out / ".coseg.lock").exists()
+    _assert_nothing_left(out)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(fast_pipeline, tmp_path):
+    folder = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    _write_lock(out, _dead_pid(), socket.gethostname())
+    r = _run(folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "manifest.json").is_file() and not (out / ".coseg.lock").exists()
+    assert not list(out.glob(".coseg.lock*"))  # no renamed stale copy left either
+
+
+def test_lock_of_a_live_run_or_another_host_is_respected(fast_pipeline, tmp_path):
+    """A live pid on this host (our parent) or any pid on another host: exit 1, lock kept,
+    nothing written; the message says how to clear a lock whose run is gone."""
+    folder = _good(tmp_path / "in")
+    for pid, host in ((os.getppid(), None), (_dead_pid(), "elsewhere.example")):
+        out = tmp_path / f"out-{pid}"
+        lock = _write_lock(out, pid, host or socket.gethostname())
+        before = lock.read_bytes()
+        line = _assert_one_error(_run(folder, "--out", out), 1, f"pid {pid} on host "
+                                 f"{host or socket.gethostname()}", f"delete {lock}")
+        assert "started 2026-01-01" in line
+        assert lock.read_bytes() == before and sorted(out.iterdir()) == [lock]
+
+
+def test_unreadable_lock_is_respected_while_fresh_and_taken_over_when_old(fast_pipeline,
+                                                                          tmp_path):
+    """A lock without an owner record is a run between creating and writing it; after 10 s it
+    can only be a crash's leftover."""
+    folder = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".coseg.lock"
+    lock.write_bytes(b"")
+    _assert_one_error(_run(folder, "--out", out), 1, "names no owner")
+    os.utime(lock, (0, 0))
+    r = _run(folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert not lock.exists()
+
+
+def test_lock_is_removed_after_success_and_after_an_error(fast_pipeline, tmp_path):
+    folder = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    assert _run(folder, "--out", out).exit_code == 0
+    assert not (out / ".coseg.lock").exists()
+    make_text_as_jpg(folder / "notes.jpg")
+    out2 = tmp_path / "out2"
+    _assert_one_error(_run(folder, "--out", out2), 1, "not a readable image")
+    assert not out2.exists()  # the lock made OUT; nothing else was written: both removed
+
+
+def test_shards_into_one_out_lock_only_their_own_folders(fast_pipeline, tmp_path):
+    """`--shard` runs share OUT by design: a lock is per output folder, so a held OUT/b does not
+    stop the shard that writes OUT/a."""
+    a, b = _good(tmp_path / "a"), _good(tmp_path / "b")
+    out = tmp_path / "out"
+    _write_lock(out / "b", os.getppid(), socket.gethostname())
+    from coseg_cli.batch import shard_indices
+
+    shard = 1 if shard_indices([a, b], 1, 2) == [0] else 2
+    r = _run(a, b, "--out", out, "--shard", f"{shard}/2")
+    assert r.exit_code == 0, r.output
+    assert (out / "a" / "manifest.json").is_file() and not (out / "a" / ".coseg.lock").exists()
+    _assert_one_error(_run(a, b, "--out", out), 1, f"{out / 'b'} is in use")
+    assert not (out / "a" / ".coseg.lock").exists()  # all or none: a's lock was given back
