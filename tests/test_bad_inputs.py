@@ -6,6 +6,7 @@ error (bad option value, missing argument); 130 interrupted (tests/test_interrup
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -750,3 +751,119 @@ def test_shards_into_one_out_lock_only_their_own_folders(fast_pipeline, tmp_path
     assert (out / "a" / "manifest.json").is_file() and not (out / "a" / ".coseg.lock").exists()
     _assert_one_error(_run(a, b, "--out", out), 1, f"{out / 'b'} is in use")
     assert not (out / "a" / ".coseg.lock").exists()  # all or none: a's lock was given back
+
+
+# --------------------------------------------------------------------------- disk trouble
+
+
+def _fill_disk_at(monkeypatch, kind: str) -> None:
+    """Make one write of `kind` fail as a full disk does: a partial file, then ENOSPC."""
+    from pathlib import Path as _Path
+
+    def full(path) -> None:
+        with open(path, "wb") as fh:
+            fh.write(b"\x89PNG\r\n half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if kind in ("mask PNG", "overlay JPEG"):
+        real_save = Image.Image.save
+        suffix = ".png" if kind == "mask PNG" else ".jpg"
+
+        def save(self, fp, *args, **kwargs):
+            if isinstance(fp, (str, _Path)) and str(fp).endswith(suffix) and (
+                    kind == "overlay JPEG" or "masks" in _Path(fp).parts[-3:-1]
+                    or _Path(fp).parent.name.endswith(".part")):
+                full(fp)
+            return real_save(self, fp, *args, **kwargs)
+
+        monkeypatch.setattr(Image.Image, "save", save)
+    else:  # a JSON or HTML output, written by runtime.atomic_write_bytes
+        real_write = _Path.write_bytes
+        name = {"instances.json": ".instances.json.", "report.html": ".report.html."}[kind]
+
+        def write_bytes(self, data):
+            if self.name.startswith(name):
+                full(self)
+            return real_write(self, data)
+
+        monkeypatch.setattr(_Path, "write_bytes", write_bytes)
+
+
+def _complete_files(out: Path) -> None:
+    """No temp file, and every image in OUT decodes in full (no half-written file)."""
+    assert not [p for p in out.rglob("*") if ".part" in p.name or p.name.endswith(".old")]
+    for p in out.rglob("*"):
+        if p.suffix in (".png", ".jpg"):
+            with Image.open(p) as im:
+                im.load()
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+
+
+@pytest.mark.parametrize("kind", ["mask PNG", "overlay JPEG", "instances.json", "report.html"])
+def test_disk_full_mid_export_then_rerun(kind, fast_pipeline, tmp_path):
+    """ENOSPC while writing outputs: one line naming the file, exit 1, no half-written file and
+    no manifest (the folder reads as incomplete); after space is freed, a re-run completes."""
+    folder = _good(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        _fill_disk_at(mp, kind)
+        r = _run(folder, "--out", out)
+    line = _assert_one_error(r, 1, str(folder), f"cannot write {out}", "No space left on device")
+    _complete_files(out)
+    if kind != "report.html":  # the report is written after the manifest that completes a run
+        assert not (out / "manifest.json").exists(), line
+    assert not (out / ".coseg.lock").exists()
+    r = _run(folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    _complete_files(out)
+    assert (out / "manifest.json").is_file() and (out / "report.html").is_file()
+    assert len(json.loads((out / "instances.json").read_text())["images"]) == 3
+
+
+def test_unwritable_cache_then_rerun(weights_ready, tmp_path):
+    """OUT/cache cannot be created (a file is in its place; as root, mode bits would not stop
+    us): the first stage-cache write fails with one line; once fixed, the run completes."""
+    folder = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cache").write_text("not a folder")
+    _assert_one_error(_run(folder, "--out", out), 1, f"cannot write {out / 'cache'}",
+                      "Not a directory")
+    _complete_files(out)
+    assert not (out / "manifest.json").exists() and not (out / ".coseg.lock").exists()
+    (out / "cache").unlink()
+    r = _run(folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "manifest.json").is_file() and (out / "cache").is_dir()
+
+
+def test_disk_full_in_merge_and_saliency(tmp_path, monkeypatch):
+    """The other writers use the same atomic write: ENOSPC is one line there too."""
+    folder = _good(tmp_path / "in")
+    real_write = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name.startswith(".index.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    src = tmp_path / "run"
+    src.mkdir()
+    (src / "instances.json").write_text(json.dumps(_pred_with([[10, 10, 50, 10, 10, 50]])))
+    (src / "manifest.json").write_text("{}")
+    merged = tmp_path / "merged"
+    _assert_one_error(runner.invoke(app, ["merge", str(src), "--out", str(merged)]), 1,
+                      f"cannot write {merged / 'index.json'}: No space left on device")
+    assert not [p for p in merged.rglob("*") if ".part" in p.name]
+
+    def save(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = tmp_path / "priors"
+    _assert_one_error(runner.invoke(app, ["saliency", str(folder), "--out", str(out),
+                                          "--method", "spectral_residual"]), 1,
+                      f"cannot write {out}", "No space left on device")
+    assert not [p for p in out.rglob("*") if ".part" in p.name]
