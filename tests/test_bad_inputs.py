@@ -867,3 +867,21 @@ def test_disk_full_in_merge_and_saliency(tmp_path, monkeypatch):
                                           "--method", "spectral_residual"]), 1,
                       f"cannot write {out}", "No space left on device")
     assert not [p for p in out.rglob("*") if ".part" in p.name]
+
+
+def test_report_of_a_manifest_with_odd_fields(tmp_path):
+    """Found by tests/test_fuzz.py: sections of the wrong type made `coseg report` crash with
+    AttributeError/TypeError. Display-only sections of the wrong type now read as absent;
+    a noise_percentile that is not in [0, 100) is one error line."""
+    run_out = tmp_path / "run"
+    run_out.mkdir()
+    (run_out / "instances.json").write_text(json.dumps(_pred_with([[10, 10, 50, 10, 10, 50]])))
+    odd = {"config": "x", "counts": [1], "environment": 5, "timings_s": [1], "train": 3,
+           "weights": "x", "skipped_files": 5, "prior_trained": []}
+    (run_out / "manifest.json").write_text(json.dumps(odd))
+    r = runner.invoke(app, ["report", str(run_out)])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert (run_out / "report.html").is_file()
+    (run_out / "manifest.json").write_text(json.dumps({"config": {"noise_percentile": "x"}}))
+    _assert_one_error(runner.invoke(app, ["report", str(run_out)]), 1,
+                      "config.noise_percentile must be a number in [0, 100), got 'x'")
