@@ -145,6 +145,9 @@ def _acquire_in(folder: Path, created: bool) -> HeldLock:
             continue
         try:
             os.write(fd, record)
+        except OSError:  # disk full: leave no ownerless lock behind
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         return HeldLock(path, token, created)
