@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -180,7 +181,7 @@ def run(
                                                 "num_threads")] = None,
 ) -> None:
     """Fine-tune VGG-16 on each folder and write instance masks, JSON and overlays."""
-    from . import batch  # heavy (torch): imported only when a run starts
+    from . import batch, lock  # heavy (torch): imported only when a run starts
 
     overrides = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
     try:
@@ -204,23 +205,29 @@ def run(
         raise fail(exc) from None
     log = err if not quiet else Console(stderr=True, quiet=True)
     failed = 0
-    for folder, target in zip(groups, outs):
-        with _progress(log, disable=quiet) as progress:
-            outcome = batch.run_folder(folder, target, cfg, category=category,
-                                       skip_bad=skip_bad, use_cache=cache, force=force,
-                                       weights_path=weights_path, progress=progress)
-        if outcome.status == "ok":
-            log.print(f"[green]ok[/] {escape(str(folder))} → {escape(str(target))}: "
-                      f"{outcome.instances} instances in {outcome.images} images "
-                      f"({outcome.seconds:.1f} s)")
-            for message in outcome.skipped:
-                log.print(f"[yellow]skipped:[/] {escape(message)}")
-        else:
-            failed += 1
-            err.print(f"[red]error:[/] {escape(f'{folder}: {outcome.error}')}", soft_wrap=True)
-        if json_lines:
-            print(json.dumps(dataclasses.asdict(outcome) | {"skipped": list(outcome.skipped)}),
-                  flush=True)
+    with ExitStack() as stack:  # every output folder is ours until the call ends, however it ends
+        try:
+            stack.enter_context(lock.hold(outs))
+        except CosegError as exc:
+            raise fail(exc) from None
+        for folder, target in zip(groups, outs):
+            with _progress(log, disable=quiet) as progress:
+                outcome = batch.run_folder(folder, target, cfg, category=category,
+                                           skip_bad=skip_bad, use_cache=cache, force=force,
+                                           weights_path=weights_path, progress=progress)
+            if outcome.status == "ok":
+                log.print(f"[green]ok[/] {escape(str(folder))} → {escape(str(target))}: "
+                          f"{outcome.instances} instances in {outcome.images} images "
+                          f"({outcome.seconds:.1f} s)")
+                for message in outcome.skipped:
+                    log.print(f"[yellow]skipped:[/] {escape(message)}")
+            else:
+                failed += 1
+                err.print(f"[red]error:[/] {escape(f'{folder}: {outcome.error}')}",
+                          soft_wrap=True)
+            if json_lines:
+                print(json.dumps(dataclasses.asdict(outcome)
+                                 | {"skipped": list(outcome.skipped)}), flush=True)
     if failed:
         raise typer.Exit(1)
 
@@ -580,10 +587,16 @@ def main() -> None:
         if isinstance(exc, SystemExit) and not received:
             raise
         signum = received[0] if received else int(signal.SIGINT)
-        err.print(f"[red]error:[/] interrupted ({signal.Signals(signum).name}); finished "
-                  "folders and cached stages are kept: run the same command again to resume",
+        kept = ("finished folders and cached stages are kept: run the same command again to "
+                "resume") if _command(sys.argv[1:]) == "run" else "no half-written file is left"
+        err.print(f"[red]error:[/] interrupted ({signal.Signals(signum).name}); {kept}",
                   soft_wrap=True)
         sys.exit(128 + signum)
+
+
+def _command(args: list[str]) -> str | None:
+    """The subcommand of a command line (its first word that is not an option)."""
+    return next((a for a in args if not a.startswith("-")), None)
 
 
 __all__ = ["app", "main", "Path"]

@@ -19,3 +19,11 @@ class WeightsError(CosegError):
 
 class TrainingError(CosegError):
     """Fine-tuning diverged (NaN/inf loss) or could not run."""
+
+
+class OutputError(CosegError):
+    """An output or cache file could not be written (disk full, read-only, not a folder)."""
+
+
+class LockedError(CosegError):
+    """Another coseg run is writing the same output folder."""

@@ -34,7 +34,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from .coco import encode_masks, to_rle
+from .coco import (
+    annotation_where,
+    check_dataset_masks,
+    check_image_size,
+    check_segmentation,
+    encode_masks,
+    image_label,
+    to_rle,
+    valid_id,
+)
 from .errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -284,28 +293,9 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _rle_of(seg: Any, height: int, width: int, where: str) -> Rle:
-    """Any COCO segmentation → compressed RLE at (height, width), size checked."""
-    if isinstance(seg, dict) and "size" in seg:
-        size = seg["size"]
-        if not (isinstance(size, list) and len(size) == 2):
-            raise InputError(f"{where}: RLE 'size' must be (height, width), got {size!r}")
-        if [int(size[0]), int(size[1])] != [height, width]:
-            raise InputError(f"{where}: mask is {size[0]}x{size[1]} (HxW) but the image is "
-                             f"{height}x{width}")
-    try:
-        return to_rle(seg, height, width)
-    except Exception as exc:  # pycocotools raises bare Exception on malformed input
-        raise InputError(f"{where}: unreadable segmentation ({exc})") from None
-
-
-def _image_size(entry: dict[str, Any], where: str) -> tuple[int, int]:
-    try:
-        h, w = int(entry["height"]), int(entry["width"])
-    except (KeyError, TypeError, ValueError):
-        raise InputError(f"{where}: image entry needs integer 'height' and 'width'") from None
-    if h <= 0 or w <= 0:
-        raise InputError(f"{where}: image size {h}x{w} is not positive")
-    return h, w
+    """Any COCO segmentation → compressed RLE at (height, width), validated first."""
+    check_segmentation(seg, height, width, where)
+    return to_rle(seg, height, width)
 
 
 def _is_dataset(data: Any) -> bool:
@@ -327,37 +317,29 @@ def load_gt_json(path: Path, name: str | None = None) -> GTCategory:
     if not _is_dataset(data):
         raise InputError(f"ground truth {path} is not a COCO instances JSON (needs 'images' and "
                          "'annotations' lists)")
-    cats = data.get("categories") or []
-    if isinstance(cats, list) and len(cats) > 1:
+    cats = data.get("categories")
+    cats = cats if isinstance(cats, list) else []
+    if len(cats) > 1:
         raise InputError(f"ground truth {path} holds {len(cats)} categories; coseg eval scores "
                          "one category per file (use a <category>/annotations.json root)")
     if name is None:
         first = cats[0] if cats and isinstance(cats[0], dict) else {}
         name = str(first.get("name") or path.resolve().parent.name)
+    check_dataset_masks(data, path)
     images: list[GTImage] = []
     index: dict[Any, int] = {}
     for entry in data["images"]:
-        if not isinstance(entry, dict) or "id" not in entry:
-            raise InputError(f"{path}: every image entry needs an 'id'")
-        where = f"{path}: image {entry.get('file_name', entry['id'])}"
-        h, w = _image_size(entry, where)
+        h, w = check_image_size(entry["height"], entry["width"], str(path))
         index[entry["id"]] = len(images)
         images.append(GTImage(str(entry.get("file_name") or ""), entry["id"], h, w, []))
     crowds: dict[int, list[Rle]] = {}
     for ann in data["annotations"]:
-        if not isinstance(ann, dict) or "segmentation" not in ann:
-            raise InputError(f"{path}: annotation without 'segmentation'")
-        i = index.get(ann.get("image_id"))
-        if i is None:
-            raise InputError(f"{path}: annotation {ann.get('id')} refers to unknown image_id "
-                             f"{ann.get('image_id')!r}")
-        im = images[i]
-        rle = _rle_of(ann["segmentation"], im.height, im.width,
-                      f"{path}: annotation {ann.get('id')} of image {im.file_name or im.image_id}")
+        i = index[ann["image_id"]]
+        rle = to_rle(ann["segmentation"], images[i].height, images[i].width)
         if ann.get("iscrowd"):
             crowds.setdefault(i, []).append(rle)
         else:
-            im.rles.append(rle)
+            images[i].rles.append(rle)
     for i, regions in crowds.items():
         images[i].crowd = regions[0] if len(regions) == 1 else mask_utils.merge(regions,
                                                                                  intersect=0)
@@ -390,7 +372,8 @@ def load_gt_pngs(folder: Path, name: str | None = None) -> GTCategory:
                     raise InputError(f"{p}: instance map must be a single-channel 8-bit PNG, "
                                      f"got mode {img.mode}")
                 ids = np.asarray(img)
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError,
+                SyntaxError) as exc:
             raise InputError(f"{p}: unreadable PNG ({exc})") from None
         values = np.unique(ids)
         inst = values[(values != 0) & (values != PNG_IGNORE_VALUE)]
@@ -435,28 +418,29 @@ def load_predictions(path: Path, gt: GTCategory) -> ImagePredictions:
 
     if _is_dataset(data):
         pimages: dict[Any, tuple[int | None, str]] = {}
-        for entry in data["images"]:
-            if not isinstance(entry, dict) or "id" not in entry:
-                raise InputError(f"{path}: every image entry needs an 'id'")
+        for n, entry in enumerate(data["images"]):
+            if not isinstance(entry, dict) or not valid_id(entry.get("id")):
+                raise InputError(f"{path}: images[{n}] needs an integer or string 'id'")
             fname = entry.get("file_name")
             i = gt.lookup(str(fname) if fname else None, entry["id"])
-            label = str(fname or f"id {entry['id']}")
+            label = image_label(entry)
             if i is not None and "height" in entry and "width" in entry:
-                h, w = _image_size(entry, f"{path}: image {label}")
+                h, w = check_image_size(entry["height"], entry["width"], f"{path}: image {label}")
                 im = gt.images[i]
                 if (h, w) != (im.height, im.width):
                     raise InputError(f"{path}: image {label} is {h}x{w} (HxW) in the predictions "
                                      f"but {im.height}x{im.width} in the ground truth")
             pimages[entry["id"]] = (i, label)
-        for ann in data["annotations"]:
+        for n, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict) or "segmentation" not in ann:
-                raise InputError(f"{path}: annotation without 'segmentation'")
-            if ann.get("image_id") not in pimages:
-                raise InputError(f"{path}: annotation {ann.get('id')} refers to unknown image_id "
-                                 f"{ann.get('image_id')!r}")
-            i, label = pimages[ann["image_id"]]
+                raise InputError(f"{path}: annotations[{n}] has no 'segmentation'")
+            image_id = ann.get("image_id")
+            if not valid_id(image_id) or image_id not in pimages:
+                raise InputError(f"{path}: annotations[{n}] refers to unknown image_id "
+                                 f"{image_id!r}")
+            i, label = pimages[image_id]
             add(i, label, ann["segmentation"], ann.get("score"),
-                f"{path}: annotation {ann.get('id')} of image {label}")
+                annotation_where(path, n, ann, label))
     elif isinstance(data, list):
         if data and not gt.by_id:
             raise InputError(f"predictions {path} are a COCO results list (image ids only) but "

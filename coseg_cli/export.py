@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image
 
 from . import coco
-from .errors import InputError
+from .errors import InputError, OutputError
 from .matches import instance_matches
 from .records import ImageRecord, Instance, RunResult
-from .runtime import atomic_path, atomic_write_json
+from .runtime import atomic_path, atomic_write_json, write_error
 
 OUTPUT_DIRS = ("masks", "labels", "overlays", "cosaliency")
 
@@ -148,9 +148,11 @@ def write_instance_masks(folder: Path, instances: list[Instance]) -> None:
         if folder.exists():
             folder.rename(old)
         tmp.rename(folder)
-    except BaseException:
+    except BaseException as exc:
         if old.exists() and not folder.exists():
             old.rename(folder)  # put the previous complete folder back
+        if isinstance(exc, OSError):  # disk full, read-only: one clear line, not a traceback
+            raise OutputError(write_error(folder, exc)) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

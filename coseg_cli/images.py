@@ -56,6 +56,9 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
             # Pillow's own guard (89 Mpx warning, 179 Mpx error) would reject a 108 Mpx photo
             # as "not a readable image": MAX_PIXELS below is the limit that applies.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns about damaged metadata (corrupt EXIF) of images it still decodes:
+            # Python warning lines on the terminal would only confuse; the pixels are what count
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with _pillow_pixel_limit(MAX_PIXELS), Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .coco import check_dataset_masks
 from .errors import InputError
 from .runtime import atomic_write_json
 
@@ -78,6 +79,7 @@ def read_result(folder: Path, name: str | None = None) -> ResultFolder:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
         raise InputError(f"{folder / 'instances.json'} is not a COCO dataset dict")
+    check_dataset_masks(data, folder / "instances.json")
     cats = [c.get("name") for c in data.get("categories", []) if isinstance(c, dict)]
     category = str(cats[0]) if len(cats) == 1 and cats[0] else folder.resolve().name
     return ResultFolder(name or _safe_name(category), folder, category, len(data["images"]),

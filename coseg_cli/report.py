@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from . import export
+from .coco import check_dataset_masks
 from .errors import InputError
 from .records import ImageRecord
 from .runtime import atomic_write_bytes
@@ -142,6 +143,17 @@ def _read_json(path: Path) -> Any:
         raise InputError(f"cannot read {path}: {exc}") from None
 
 
+def _section(manifest: dict[str, Any], key: str) -> dict[str, Any]:
+    """A manifest section as a dict; one of another type (a hand-edited or foreign manifest)
+    reads as absent: the report shows "–" for what it would have given."""
+    value = manifest.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _output_stems(names: list[str]) -> list[str]:
     """Output stems exactly as `export.output_stems` named them (it needs only the names)."""
     empty = np.zeros((0, 0, 3), np.uint8)
@@ -157,6 +169,12 @@ def summarize(out_dir: Path) -> tuple[dict[str, Any], list[ImageSummary], Thresh
     out_dir = Path(out_dir)
     coco_data = _read_json(out_dir / "instances.json")
     manifest = _read_json(out_dir / "manifest.json")
+    if not isinstance(manifest, dict):
+        raise InputError(f"{out_dir / 'manifest.json'} is not a coseg manifest (not an object)")
+    if not (isinstance(coco_data, dict) and isinstance(coco_data.get("images"), list)
+            and isinstance(coco_data.get("annotations"), list)):
+        raise InputError(f"{out_dir / 'instances.json'} is not a COCO dataset dict")
+    check_dataset_masks(coco_data, out_dir / "instances.json")
     try:
         images = sorted(coco_data["images"], key=lambda im: int(im["id"]))
         names = [str(im["file_name"]) for im in images]
@@ -168,10 +186,10 @@ def summarize(out_dir: Path) -> tuple[dict[str, Any], list[ImageSummary], Thresh
         raise InputError(f"{out_dir / 'instances.json'} is not a coseg COCO file: {exc!r}") \
             from None
     stems = _output_stems(names)
-    stored = (manifest.get("counts") or {}).get("cosaliency_mean")
+    stored = _section(manifest, "counts").get("cosaliency_mean")
     means: list[float | None] = []
     for i, stem in enumerate(stems):
-        if isinstance(stored, list) and len(stored) == len(stems) and stored[i] is not None:
+        if isinstance(stored, list) and len(stored) == len(stems) and _is_number(stored[i]):
             means.append(float(stored[i]))
             continue
         path = out_dir / "cosaliency" / f"{stem}.png"  # older runs: recover it from the heat map
@@ -180,7 +198,10 @@ def summarize(out_dir: Path) -> tuple[dict[str, Any], list[ImageSummary], Thresh
                 means.append(heat_map_mean(np.asarray(im.convert("RGB"))))
         except (OSError, ValueError):
             means.append(None)
-    percentile = float((manifest.get("config") or {}).get("noise_percentile", 20.0))
+    percentile = _section(manifest, "config").get("noise_percentile", 20.0)
+    if not (_is_number(percentile) and 0.0 <= percentile < 100.0):
+        raise InputError(f"{out_dir / 'manifest.json'}: config.noise_percentile must be a "
+                         f"number in [0, 100), got {percentile!r}")
     scores = [np.array(sorted(s, reverse=True)) for s in per_image]
     reasons, thresholds = find_outliers(scores, means, percentile)
     rows = zip(names, stems, scores, means, reasons, strict=True)
@@ -366,10 +387,8 @@ def render_report(out_dir: Path) -> str:
     e = html.escape
     out_dir = Path(out_dir)
     manifest, images, th = summarize(out_dir)
-    cfg = manifest.get("config") or {}
-    env = manifest.get("environment") or {}
-    timings = manifest.get("timings_s") or {}
-    train = manifest.get("train") or {}
+    cfg, env = _section(manifest, "config"), _section(manifest, "environment")
+    timings, train = _section(manifest, "timings_s"), _section(manifest, "train")
     all_scores = np.array([s for im in images for s in im.scores], np.float64)
     flagged = [im for im in images if im.reasons]
     n_inst = int(all_scores.size)
@@ -385,8 +404,9 @@ def render_report(out_dir: Path) -> str:
 
     prior = str(manifest.get("prior", cfg.get("prior", "?")))
     trained = manifest.get("prior_trained")
-    prior_kind = {True: "trained on saliency labels", False: "unsupervised"}.get(trained, "")
-    weights_src = (manifest.get("weights") or {}).get("source")
+    prior_kind = "" if not isinstance(trained, bool) else \
+        "trained on saliency labels" if trained else "unsupervised"
+    weights_src = _section(manifest, "weights").get("source")
     cfg_rows = [("preset", cfg.get("preset")),
                 ("prior", f"{prior} ({prior_kind})" if prior_kind else prior),
                 ("epochs", cfg.get("epochs")
@@ -417,7 +437,8 @@ def render_report(out_dir: Path) -> str:
     t_html = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{_fmt_seconds(v)}</td></tr>"
                      for k, v in t_rows)
     t_html += f"<tr><td><b>total</b></td><td><b>{_fmt_seconds(total)}</b></td></tr>"
-    skipped = manifest.get("skipped_files") or []
+    skipped = manifest.get("skipped_files")
+    skipped = skipped if isinstance(skipped, list) else []
     skipped_html = "" if not skipped else (
         '<div class="panel" style="margin-top:16px"><h3>Skipped input files</h3><ul>'
         + "".join(f"<li>{e(str(s))}</li>" for s in skipped) + "</ul></div>")

@@ -9,13 +9,13 @@ import platform
 import random
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 
 def coseg_home() -> Path:
@@ -137,20 +137,36 @@ _FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename over it only if the block finishes."""
+    """Yield a temp path beside `path`; rename over it only if the block finishes.
+
+    Raises:
+        OutputError: creating, writing or renaming failed (disk full, read-only, a file where a
+            folder should be); the temp file is removed and `path` keeps its old content.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix,
-                               dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600: outputs get the usual mode, shareable
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix,
+                                   dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600: outputs get the usual mode, shareable
+    except OSError as exc:
+        raise OutputError(write_error(path, exc)) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise OutputError(write_error(path, exc)) from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+
+
+def write_error(path: Path, exc: OSError) -> str:
+    """"cannot write PATH: REASON" for a failed write (the reason is the OS's, e.g. "No space
+    left on device"), naming the file the user asked for rather than its temp file."""
+    return f"cannot write {path}: {exc.strerror or exc}"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

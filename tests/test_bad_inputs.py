@@ -6,13 +6,17 @@ error (bad option value, missing argument); 130 interrupted (tests/test_interrup
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -416,3 +420,468 @@ def test_odd_images_give_a_correct_result(odd_run):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["images"] == 2 + len(ODD_BUT_GOOD)
+
+
+# --------------------------------------------------------------------------- malformed masks
+
+H0, W0 = 422, 640  # size of the first image of examples/bottle-annotations.json
+_VALID_COUNTS = "PhW8"  # an empty H0 x W0 mask, as pycocotools writes it
+# name → (segmentation, text the error line must hold). Each is checked in every reader.
+BAD_MASKS = {
+    "RLE string that is not RLE (pycocotools spun >10 min)":
+        ({"size": [H0, W0], "counts": "@@@@not-rle"}, "character 't' at position 6"),
+    "RLE string decoding to negative runs":
+        ({"size": [H0, W0], "counts": "@@@@"}, "negative run length (-16 at run 0)"),
+    "RLE string whose runs do not sum to H·W":
+        ({"size": [H0, W0], "counts": "0k0"}, "covers 27 pixels but the 422x640 image has 270080"),
+    "RLE string with trailing garbage":
+        ({"size": [H0, W0], "counts": _VALID_COUNTS + "`"}, "trailing garbage"),
+    "RLE string with a 7-character run length":
+        ({"size": [H0, W0], "counts": "oooooo0"}, "longer than 6 characters"),
+    "RLE string with a NUL byte":
+        ({"size": [H0, W0], "counts": "Ph\x00W8"}, "character '\\x00' at position 2"),
+    "uncompressed RLE with a negative run":
+        ({"size": [H0, W0], "counts": [-5, H0 * W0 + 5]}, "negative run length (-5 at run 0)"),
+    "uncompressed RLE whose runs do not sum to H·W":
+        ({"size": [H0, W0], "counts": [1, 2, 3]}, "covers 6 pixels"),
+    "uncompressed RLE of non-integers":
+        ({"size": [H0, W0], "counts": [0.5, "x"]}, "must be integers, got 0.5 at run 0"),
+    "RLE size that is not the image's":
+        ({"size": [H0 + 1, W0], "counts": [(H0 + 1) * W0]}, "mask is 423x640 (HxW) but the image"),
+    "RLE size that is not two integers":
+        ({"size": "big", "counts": _VALID_COUNTS}, "'size' must be [height, width] integers"),
+    "RLE without counts": ({"size": [H0, W0]}, "needs 'size' and 'counts'"),
+    "polygon of 2 points": ([[10, 10, 50, 50]], "polygon 0 has 2 point(s)"),
+    "polygon of an odd count": ([[10, 10, 50, 50, 10]], "odd number of coordinates (5)"),
+    "polygon with NaN": ([[10, 10, 50, float("nan"), 10, 50]], "coordinate 3 is not finite"),
+    "polygon with a string": ([[10, 10, "50", 50, 10, 50]], "coordinate 2 is not a number"),
+    "polygon far outside the image": ([[10, 10, 1e12, 10, 10, 50]], "far outside"),
+    "segmentation that is a number": (42, "must be a list of polygons or an RLE"),
+}
+
+
+def _pred_with(seg) -> dict:
+    """Predictions for the GT's first image holding one annotation with segmentation `seg`."""
+    first = json.loads(GT.read_text())["images"][0]
+    assert (first["height"], first["width"]) == (H0, W0)
+    return {"images": [{"id": 1, "file_name": first["file_name"], "height": H0, "width": W0}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": seg,
+                             "score": 0.9, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "bottle"}]}
+
+
+def _mask_reader_cli(reader: str, seg, tmp_path: Path) -> tuple[list[str], Path]:
+    """Arguments running `reader` on a file holding `seg` as its first annotation, and that
+    file."""
+    if reader == "eval --gt":
+        gt = json.loads(GT.read_text())
+        gt["annotations"][0]["segmentation"] = seg
+        path = tmp_path / "annotations.json"
+        path.write_text(json.dumps(gt))
+        pred = tmp_path / "pred.json"
+        pred.write_text(json.dumps(_pred_with({"size": [H0, W0], "counts": _VALID_COUNTS})))
+        return ["eval", "--gt", str(path), "--pred", str(pred)], path
+    run_out = tmp_path / "run"
+    run_out.mkdir()
+    path = run_out / "instances.json"
+    path.write_text(json.dumps(_pred_with(seg)))
+    (run_out / "manifest.json").write_text("{}")
+    if reader == "eval --pred":
+        return ["eval", "--gt", str(GT), "--pred", str(run_out)], path
+    if reader == "merge":
+        return ["merge", str(run_out), "--out", str(tmp_path / "merged")], path
+    return ["report", str(run_out)], path
+
+
+def test_valid_counts_constant_is_an_empty_mask():
+    from coseg_cli.coco import decode, encode_masks
+
+    assert encode_masks(np.zeros((1, H0, W0), bool))[0]["counts"] == _VALID_COUNTS
+    assert not decode(encode_masks(np.zeros((1, H0, W0), bool))[0]).any()
+
+
+@pytest.mark.parametrize("reader", ["eval --gt", "eval --pred", "merge", "report"])
+@pytest.mark.parametrize("kind", list(BAD_MASKS))
+def test_malformed_mask_is_one_line_in_every_reader(kind, reader, tmp_path):
+    """Every reader validates with the same function before pycocotools sees the mask: one line
+    naming the file, the annotation index and the image, at once."""
+    seg, needle = BAD_MASKS[kind]
+    args, path = _mask_reader_cli(reader, seg, tmp_path)
+    t0 = time.perf_counter()
+    r = runner.invoke(app, args)
+    seconds = time.perf_counter() - t0
+    line = _assert_one_error(r, 1, str(path), "annotations[0]", "000000000790.jpg", needle)
+    assert seconds < 1.0, (seconds, line)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "run" / "report.html").exists()
+
+
+def test_image_size_in_a_coco_file_is_checked(tmp_path):
+    """Height/width that are not positive integers, or too large to hold, are one line too."""
+    for value, needle in ((float("inf"), "needs integer 'height'"), ("422", "needs integer"),
+                          (0, "is not positive"), (10 ** 6, "larger than 250000000 pixels")):
+        pred = _pred_with([[10, 10, 50, 10, 10, 50]])
+        pred["images"][0]["height"] = value
+        run_out = tmp_path / f"run-{value}"
+        run_out.mkdir()
+        (run_out / "instances.json").write_text(json.dumps(pred))
+        (run_out / "manifest.json").write_text("{}")
+        _assert_one_error(runner.invoke(app, ["report", str(run_out)]), 1, "image 000000000790",
+                          needle)
+
+
+def test_malformed_rle_in_a_real_process_exits_at_once(tmp_path):
+    """The reported hang: pycocotools' C decoder spun >10 minutes on this input, deaf to
+    SIGTERM. Now a real `coseg eval` answers with one line well within the `timeout 20`."""
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps(_pred_with({"size": [H0, W0], "counts": "@@@@not-rle"})))
+    t0 = time.perf_counter()
+    p = _cli("eval", "--gt", GT, "--pred", pred)
+    assert time.perf_counter() - t0 < 20
+    assert p.returncode == 1 and "Traceback" not in p.stderr and p.stdout == ""
+    lines = _error_lines(p.stderr)
+    assert len(lines) == 1 and "pred.json: annotations[0] (id 1) of image 000000000790.jpg: " \
+        "compressed RLE 'counts' is malformed" in lines[0], p.stderr
+
+
+@pytest.fixture(scope="module")
+def big_run_output(tmp_path_factory) -> Path:
+    """A valid run output large enough to keep eval/merge/report busy for seconds: 20,000
+    noisy 40x40 masks (long RLE strings) in one instances.json (~16 MB)."""
+    from coseg_cli.coco import encode_masks
+
+    out = tmp_path_factory.mktemp("big") / "run"
+    out.mkdir()
+    noise = np.random.default_rng(0).random((1, 40, 40)) < 0.5
+    seg = encode_masks(noise)[0]
+    per_image, n_images = 20, 1000
+    images = [{"id": i + 1, "file_name": f"{i}.jpg", "height": 40, "width": 40}
+              for i in range(n_images)]
+    anns = [{"id": j + 1, "image_id": j // per_image + 1, "category_id": 1, "segmentation": seg,
+             "score": 0.5, "iscrowd": 0} for j in range(n_images * per_image)]
+    (out / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    (out / "manifest.json").write_text("{}")
+    return out
+
+
+def _handles_sigterm(pid: int) -> bool:
+    """Whether the process has installed its SIGTERM handler (cli.main does, before any work)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(ln for ln in status.splitlines() if ln.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (int(signal.SIGTERM) - 1)))
+
+
+def _bytes_read(pid: int) -> int:
+    return int(next(ln for ln in Path(f"/proc/{pid}/io").read_text().splitlines()
+                    if ln.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("command", ["eval", "merge", "report"])
+def test_sigterm_mid_read_stops_within_two_seconds(command, big_run_output, tmp_path):
+    """eval/merge/report honour SIGTERM while validating and scoring masks: exit 143 with one
+    line within 2 s (no C call on a mask runs long: every mask is validated first)."""
+    args = {"eval": ["eval", "--gt", big_run_output / "instances.json", "--pred",
+                     big_run_output],
+            "merge": ["merge", big_run_output, "--out", tmp_path / "merged"],
+            "report": ["report", big_run_output]}[command]
+    size = (big_run_output / "instances.json").stat().st_size
+    env = {**os.environ, "COSEG_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "coseg_cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                _handles_sigterm(proc.pid) and _bytes_read(proc.pid) >= size):
+            time.sleep(0.005)  # the handler is set and instances.json was read: work is under way
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    assert seconds < 2.0, seconds
+    lines = _error_lines(stderr)
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    assert "interrupted (SIGTERM); no half-written file is left" in lines[0]
+    assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
+    assert not (big_run_output / "report.html").exists()
+    assert not [p for p in big_run_output.parent.rglob("*") if ".part" in p.name]
+
+
+# --------------------------------------------------------------------------- two runs, one OUT
+
+
+def _fake_cosegment(records, cfg, **kw):
+    """The stage math is tested elsewhere: one square instance on the first image."""
+    from coseg_cli.records import Instance, RunResult
+
+    h, w = records[0].image.shape[:2]
+    mask = np.zeros((h, w), bool)
+    mask[h // 4: h // 2, w // 4: w // 2] = True
+    return RunResult(images=records, instances=[Instance(0, mask, 0.9, (w // 3, h // 3), 1)],
+                     cosaliency=[np.full(r.image.shape[:2], 0.5, np.float32) for r in records],
+                     config={"seed": 0, "preset": "fast"}, environment={}, timings={},
+                     category=kw.get("category") or "object")
+
+
+@pytest.fixture
+def fast_pipeline(monkeypatch):
+    from coseg_cli import pipeline
+
+    monkeypatch.setattr(pipeline, "cosegment", _fake_cosegment)
+
+
+def _write_lock(out: Path, pid: int, host: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".coseg.lock"
+    lock.write_text(json.dumps({"pid": pid, "host": host, "token": "other",
+                                "started": "2026-01-01T00:00:00+00:00"}))
+    return lock
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_second_run_into_the_same_out_is_refused(weights_ready, tmp_path):
+    """Two real `coseg run` processes into one OUT: the second exits 1 at once naming the first
+    one's pid and host; SIGTERM to the first removes its lock (exit 143)."""
+    folder = _good(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    env = {**os.environ, "COSEG_OFFLINE": "1", "COLUMNS": "200"}
+    first = subprocess.Popen([sys.executable, "-m", "coseg_cli", "run", str(folder), "--out",
+                              str(out), *TINY, "--epochs", "200"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while first.poll() is None and not (out / ".coseg.lock").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        second = _cli("run", folder, "--out", out, *TINY)
+        assert time.monotonic() - t0 < 30  # interpreter + torch start-up; no work is done
+        assert first.poll() is None, first.communicate()  # still working: it held the lock
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        lines = _error_lines(second.stderr)
+        assert len(lines) == 1, second.stderr
+        assert f"is in use by another coseg run (pid {first.pid} on host " \
+               f"{socket.gethostname()}" in lines[0]
+        assert (out / ".coseg.lock").exists()  # the refused run did not touch the lock
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 143, stderr
+    assert not (out / ".coseg.lock").exists()
+    _assert_nothing_left(out)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(fast_pipeline, tmp_path):
+    folder = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    _write_lock(out, _dead_pid(), socket.gethostname())
+    r = _run(folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "manifest.json").is_file() and not (out / ".coseg.lock").exists()
+    assert not list(out.glob(".coseg.lock*"))  # no renamed stale copy left either
+
+
+def test_lock_of_a_live_run_or_another_host_is_respected(fast_pipeline, tmp_path):
+    """A live pid on this host (our parent) or any pid on another host: exit 1, lock kept,
+    nothing written; the message says how to clear a lock whose run is gone."""
+    folder = _good(tmp_path / "in")
+    for pid, host in ((os.getppid(), None), (_dead_pid(), "elsewhere.example")):
+        out = tmp_path / f"out-{pid}"
+        lock = _write_lock(out, pid, host or socket.gethostname())
+        before = lock.read_bytes()
+        line = _assert_one_error(_run(folder, "--out", out), 1, f"pid {pid} on host "
+                                 f"{host or socket.gethostname()}", f"delete {lock}")
+        assert "started 2026-01-01" in line
+        assert lock.read_bytes() == before and sorted(out.iterdir()) == [lock]
+
+
+def test_unreadable_lock_is_respected_while_fresh_and_taken_over_when_old(fast_pipeline,
+                                                                          tmp_path):
+    """A lock without an owner record is a run between creating and writing it; after 10 s it
+    can only be a crash's leftover."""
+    folder = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".coseg.lock"
+    lock.write_bytes(b"")
+    _assert_one_error(_run(folder, "--out", out), 1, "names no owner")
+    os.utime(lock, (0, 0))
+    r = _run(folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert not lock.exists()
+
+
+def test_lock_is_removed_after_success_and_after_an_error(fast_pipeline, tmp_path):
+    folder = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    assert _run(folder, "--out", out).exit_code == 0
+    assert not (out / ".coseg.lock").exists()
+    make_text_as_jpg(folder / "notes.jpg")
+    out2 = tmp_path / "out2"
+    _assert_one_error(_run(folder, "--out", out2), 1, "not a readable image")
+    assert not out2.exists()  # the lock made OUT; nothing else was written: both removed
+
+
+def test_shards_into_one_out_lock_only_their_own_folders(fast_pipeline, tmp_path):
+    """`--shard` runs share OUT by design: a lock is per output folder, so a held OUT/b does not
+    stop the shard that writes OUT/a."""
+    a, b = _good(tmp_path / "a"), _good(tmp_path / "b")
+    out = tmp_path / "out"
+    _write_lock(out / "b", os.getppid(), socket.gethostname())
+    from coseg_cli.batch import shard_indices
+
+    shard = 1 if shard_indices([a, b], 1, 2) == [0] else 2
+    r = _run(a, b, "--out", out, "--shard", f"{shard}/2")
+    assert r.exit_code == 0, r.output
+    assert (out / "a" / "manifest.json").is_file() and not (out / "a" / ".coseg.lock").exists()
+    _assert_one_error(_run(a, b, "--out", out), 1, f"{out / 'b'} is in use")
+    assert not (out / "a" / ".coseg.lock").exists()  # all or none: a's lock was given back
+
+
+# --------------------------------------------------------------------------- disk trouble
+
+
+def _fill_disk_at(monkeypatch, kind: str) -> None:
+    """Make one write of `kind` fail as a full disk does: a partial file, then ENOSPC."""
+    from pathlib import Path as _Path
+
+    def full(path) -> None:
+        with open(path, "wb") as fh:
+            fh.write(b"\x89PNG\r\n half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if kind in ("mask PNG", "overlay JPEG"):
+        real_save = Image.Image.save
+        suffix = ".png" if kind == "mask PNG" else ".jpg"
+
+        def save(self, fp, *args, **kwargs):
+            if isinstance(fp, (str, _Path)) and str(fp).endswith(suffix) and (
+                    kind == "overlay JPEG" or "masks" in _Path(fp).parts[-3:-1]
+                    or _Path(fp).parent.name.endswith(".part")):
+                full(fp)
+            return real_save(self, fp, *args, **kwargs)
+
+        monkeypatch.setattr(Image.Image, "save", save)
+    else:  # a JSON or HTML output, written by runtime.atomic_write_bytes
+        real_write = _Path.write_bytes
+        name = {"instances.json": ".instances.json.", "report.html": ".report.html."}[kind]
+
+        def write_bytes(self, data):
+            if self.name.startswith(name):
+                full(self)
+            return real_write(self, data)
+
+        monkeypatch.setattr(_Path, "write_bytes", write_bytes)
+
+
+def _complete_files(out: Path) -> None:
+    """No temp file, and every image in OUT decodes in full (no half-written file)."""
+    assert not [p for p in out.rglob("*") if ".part" in p.name or p.name.endswith(".old")]
+    for p in out.rglob("*"):
+        if p.suffix in (".png", ".jpg"):
+            with Image.open(p) as im:
+                im.load()
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+
+
+@pytest.mark.parametrize("kind", ["mask PNG", "overlay JPEG", "instances.json", "report.html"])
+def test_disk_full_mid_export_then_rerun(kind, fast_pipeline, tmp_path):
+    """ENOSPC while writing outputs: one line naming the file, exit 1, no half-written file and
+    no manifest (the folder reads as incomplete); after space is freed, a re-run completes."""
+    folder = _good(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        _fill_disk_at(mp, kind)
+        r = _run(folder, "--out", out)
+    line = _assert_one_error(r, 1, str(folder), f"cannot write {out}", "No space left on device")
+    _complete_files(out)
+    if kind != "report.html":  # the report is written after the manifest that completes a run
+        assert not (out / "manifest.json").exists(), line
+    assert not (out / ".coseg.lock").exists()
+    r = _run(folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    _complete_files(out)
+    assert (out / "manifest.json").is_file() and (out / "report.html").is_file()
+    assert len(json.loads((out / "instances.json").read_text())["images"]) == 3
+
+
+def test_unwritable_cache_then_rerun(weights_ready, tmp_path):
+    """OUT/cache cannot be created (a file is in its place; as root, mode bits would not stop
+    us): the first stage-cache write fails with one line; once fixed, the run completes."""
+    folder = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cache").write_text("not a folder")
+    _assert_one_error(_run(folder, "--out", out), 1, f"cannot write {out / 'cache'}",
+                      "Not a directory")
+    _complete_files(out)
+    assert not (out / "manifest.json").exists() and not (out / ".coseg.lock").exists()
+    (out / "cache").unlink()
+    r = _run(folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "manifest.json").is_file() and (out / "cache").is_dir()
+
+
+def test_disk_full_in_merge_and_saliency(tmp_path, monkeypatch):
+    """The other writers use the same atomic write: ENOSPC is one line there too."""
+    folder = _good(tmp_path / "in")
+    real_write = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name.startswith(".index.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    src = tmp_path / "run"
+    src.mkdir()
+    (src / "instances.json").write_text(json.dumps(_pred_with([[10, 10, 50, 10, 10, 50]])))
+    (src / "manifest.json").write_text("{}")
+    merged = tmp_path / "merged"
+    _assert_one_error(runner.invoke(app, ["merge", str(src), "--out", str(merged)]), 1,
+                      f"cannot write {merged / 'index.json'}: No space left on device")
+    assert not [p for p in merged.rglob("*") if ".part" in p.name]
+
+    def save(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = tmp_path / "priors"
+    _assert_one_error(runner.invoke(app, ["saliency", str(folder), "--out", str(out),
+                                          "--method", "spectral_residual"]), 1,
+                      f"cannot write {out}", "No space left on device")
+    assert not [p for p in out.rglob("*") if ".part" in p.name]
+
+
+def test_report_of_a_manifest_with_odd_fields(tmp_path):
+    """Found by tests/test_fuzz.py: sections of the wrong type made `coseg report` crash with
+    AttributeError/TypeError. Display-only sections of the wrong type now read as absent;
+    a noise_percentile that is not in [0, 100) is one error line."""
+    run_out = tmp_path / "run"
+    run_out.mkdir()
+    (run_out / "instances.json").write_text(json.dumps(_pred_with([[10, 10, 50, 10, 10, 50]])))
+    odd = {"config": "x", "counts": [1], "environment": 5, "timings_s": [1], "train": 3,
+           "weights": "x", "skipped_files": 5, "prior_trained": []}
+    (run_out / "manifest.json").write_text(json.dumps(odd))
+    r = runner.invoke(app, ["report", str(run_out)])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert (run_out / "report.html").is_file()
+    (run_out / "manifest.json").write_text(json.dumps({"config": {"noise_percentile": "x"}}))
+    _assert_one_error(runner.invoke(app, ["report", str(run_out)]), 1,
+                      "config.noise_percentile must be a number in [0, 100), got 'x'")

@@ -112,6 +112,7 @@ def test_interrupt_mid_training_then_resume(reference, folder, tmp_path):
     code, stderr = _interrupt(folder, out, lambda: _count(out / "cache" / "prior", "*.npz") >= n,
                               delay=0.3)
     _assert_interrupted_cleanly(code, stderr)
+    assert not (out / ".coseg.lock").exists()  # the run's lock goes with it
     assert _count(out / "cache" / "model", "*.pt") == 0  # fine-tuning had not finished
     assert not (out / "instances.json").exists() and not (out / "manifest.json").exists()
     assert not (out / "labels").exists()
@@ -134,7 +135,7 @@ def test_interrupt_mid_export_then_resume(reference, folder, tmp_path):
         assert not (out / "manifest.json").exists()  # absent manifest = incomplete folder
     else:
         assert code == 0, stderr
-    assert not _parts(out)
+    assert not _parts(out) and not (out / ".coseg.lock").exists()
     if (out / "manifest.json").exists():  # a manifest is only ever beside complete outputs
         assert _snapshot(out) == reference
 

@@ -102,8 +102,8 @@ def _result(folder: Path, category: str, n_images: int, *, tag: str = "") -> Pat
     images = [{"id": i + 1, "file_name": f"{i}.jpg", "height": 4, "width": 5}
               for i in range(n_images)]
     anns = [{"id": 7 + i, "image_id": i + 1, "category_id": 1, "score": 0.5,
-             "segmentation": {"size": [4, 5], "counts": "0k0"}, "area": 1, "bbox": [0, 0, 1, 1],
-             "iscrowd": 0} for i in range(n_images)]
+             "segmentation": {"size": [4, 5], "counts": "01c0"},  # pixel (0, 0)
+             "area": 1, "bbox": [0, 0, 1, 1], "iscrowd": 0} for i in range(n_images)]
     (folder / "instances.json").write_text(json.dumps(
         {"images": images, "annotations": anns,
          "categories": [{"id": 1, "name": category, "supercategory": category}]}))
