@@ -4,6 +4,8 @@ released code's; each comment names its source. Presets are named variants built
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -89,6 +91,9 @@ class CosegConfig:
     preset: str = "paper"  # name of the preset these values started from (informational)
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        if not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         _positive_int(self, "image_size", "epochs", "batch_images", "max_proposals",
                       "work_max_side", "contour_px", "ring_px", "max_instances", "common_seeds")
         if self.ranking not in RANKINGS:
@@ -133,7 +138,7 @@ class CosegConfig:
                               f"got {self.feature_layer!r}")
         if self.num_threads < 0:
             raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +152,25 @@ class CosegConfig:
         if unknown:
             raise ConfigError(f"unknown config keys: {unknown}")
         return cls(**data)
+
+
+def _check_types(cfg: CosegConfig) -> None:
+    """Each field has its default's type: ints are ints (not bools), floats finite and >= 0
+    (every float knob is a rate, weight, fraction or exponent; an int is taken as a float),
+    strings strings. Narrower ranges are checked field by field after this."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = type(f.default)
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{f.name} must be a finite number >= 0, got {value!r}")
+            object.__setattr__(cfg, f.name, float(value))  # 1 and 1.0: one cache key
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{f.name} must be a string, got {value!r}")
 
 
 def _positive_int(cfg: CosegConfig, *names: str) -> None:

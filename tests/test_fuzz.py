@@ -392,28 +392,24 @@ def test_config_errors_are_coseg_errors():
     assert assert_one_clear_outcome(result) == "error"
 
 
-# config.py accepts each of these (found by the properties above and by probing every field);
-# they fail later (a traceback from numpy's seed, NaN losses) or mean nothing. config.py is
-# another change's to fix: strict xfail, so each case reports XPASS once it is rejected there.
+# Once accepted by config.py (found by the properties above and by probing every field), each
+# failed later (a traceback from numpy's seed, NaN losses) or meant nothing; now rejected.
 CONFIG_GAPS = [("lr", math.nan), ("lr", math.inf), ("head_lr", math.nan),
                ("weight_decay", math.inf), ("lambda_copeak", -1.0), ("lambda_affinity", math.nan),
                ("affinity_alpha", -1.0), ("rank_beta", math.nan), ("rank_gamma", -1.0),
                ("rank_cosal_power", math.inf), ("consensus_power", math.nan), ("seed", -1),
                ("seed", 2 ** 32), ("epochs", True), ("lambda_copeak", "x"), ("prior", 1.5),
-               ("device", 5)]
+               ("device", 5), ("device", "cuda:x")]
 
 
-@pytest.mark.xfail(strict=True, reason="config.py does not validate this yet (issue 12 report)")
 @pytest.mark.parametrize(("name", "value"), CONFIG_GAPS)
 def test_config_rejects_known_gaps(name: str, value: Any) -> None:
     with pytest.raises(ConfigError):
         preset_config("paper", **{name: value})
 
 
-@pytest.mark.xfail(strict=True, reason="CosegConfig.from_dict lets a TypeError through")
 def test_run_config_with_a_wrong_type_is_one_line(tmp_path: Path) -> None:
-    """`coseg run --config` with {"lr": "x"}: today a TypeError traceback from __post_init__
-    (preset_config converts it to ConfigError, from_dict does not)."""
+    """`coseg run --config` with {"lr": "x"}: once a TypeError traceback from __post_init__."""
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"config": {"lr": "x"}}))
     (tmp_path / "in").mkdir()

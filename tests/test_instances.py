@@ -132,7 +132,7 @@ def _changed_value(field: dataclasses.Field, value):
         return not value
     if isinstance(value, int):
         return value + 32
-    return value / 2 if value >= 0.5 else value * 2 + 0.25
+    return value / 2 if value > 0 else 0.25
 
 
 @pytest.mark.parametrize("field", dataclasses.fields(CosegConfig), ids=lambda f: f.name)
