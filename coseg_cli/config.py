@@ -101,6 +101,9 @@ class CosegConfig:
         if self.cosal_stride not in COSAL_STRIDES:
             raise ConfigError(f"cosal_stride must be one of {COSAL_STRIDES}, "
                               f"got {self.cosal_stride!r}")
+        if self.cosal_stride == 16 and self.feature_layer != "pool5":
+            raise ConfigError("cosal_stride 16 needs feature_layer pool5 (the saliency head then "
+                              f"reads conv5_3's 512 channels), got {self.feature_layer!r}")
         if self.common_power < 0:
             raise ConfigError(f"common_power must be >= 0, got {self.common_power}")
         if self.infer_size < 0 or self.infer_size % 32 != 0:

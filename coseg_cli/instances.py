@@ -77,24 +77,29 @@ def mask_embeddings(feats: torch.Tensor, masks: np.ndarray) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-def forward_maps(net: model_mod.CoSegNet, img: np.ndarray, cfg: CosegConfig,
-                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def network_input(img: np.ndarray, cfg: CosegConfig, device: torch.device | str
+                  ) -> torch.Tensor:
+    """float32[1,3,S,S] stage-2 input, S = `infer_size` (or `image_size`), on `device`."""
+    return model_mod.preprocess([img], cfg.infer_size or cfg.image_size).to(device)
+
+
+def forward_maps(net: model_mod.CoSegNet, x: torch.Tensor, shape: tuple[int, int],
+                 cosal_stride: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """One stage-2 forward pass.
 
     With `cosal_stride` 16 the saliency head (a 1×1 conv) also reads conv5_3, before the last
     pooling: the same weights on a map twice as fine, where small instances still own a cell.
 
     Args:
-        img: uint8[h,w,3] at working resolution.
+        x: from `network_input`. shape: (h, w) working resolution of the co-saliency map.
 
     Returns:
         feats float[1,C,S/32,S/32] (pool5, for embeddings), logits float[1,1,S/s,S/s] (s the
         stride) and the co-saliency float32[h,w] in [0,1] (logits upsampled, then sigmoid).
     """
-    h, w = img.shape[:2]
-    x = model_mod.preprocess([img], cfg.infer_size or cfg.image_size).to(device)
+    h, w = shape
     with torch.no_grad():
-        if cfg.cosal_stride == 16:
+        if cosal_stride == 16:
             conv5 = net.features[:-1](x)
             feats = net.head(net.features[-1](conv5))
             logits = net.saliency(conv5)
@@ -131,15 +136,17 @@ def score_peaks(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray, cfg: C
         img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
     """
     h, w = img.shape[:2]
-    feats, logits, cosal = forward_maps(net, img, cfg, device)  # type: ignore[arg-type]
+    x = network_input(img, cfg, device)
+    feats, logits, cosal = forward_maps(net, x, (h, w), cfg.cosal_stride)  # type: ignore[arg-type]
     peak_rc = peaks_mod.find_peaks(logits[0, 0].cpu(), max_peaks=cfg.max_peaks or None)
     lh, lw = logits.shape[-2:]
     peaks_xy = np.stack([(peak_rc[:, 1] + 0.5) * w / lw, (peak_rc[:, 0] + 0.5) * h / lh],
                         axis=1).astype(np.int64) if len(peak_rc) else np.zeros((0, 2), np.int64)
     scores = np.zeros((len(peak_rc), len(masks)), np.float32)
     if len(peak_rc) and len(masks):
-        x = model_mod.preprocess([img], cfg.infer_size or cfg.image_size).to(device)
-        inst_maps = peaks_mod.peak_backprop(net, x, peak_rc, chunk=chunk).cpu().numpy()
+        logit_net = net if cfg.cosal_stride == 32 else torch.nn.Sequential(  # the same map
+            net.features[:-1], net.saliency)  # type: ignore[index]
+        inst_maps = peaks_mod.peak_backprop(logit_net, x, peak_rc, chunk=chunk).cpu().numpy()
         inst_maps = np.maximum(resize_map(inst_maps, (h, w)), 0.0)
         rank_cosal = cosal ** cfg.rank_cosal_power if cfg.rank_cosal_power != 1.0 else cosal
         scores = ranking.score_proposals_batch(inst_maps, rank_cosal, masks, beta=cfg.rank_beta,
@@ -212,7 +219,8 @@ def _cosal_maxima(masks: np.ndarray, cosal: np.ndarray) -> np.ndarray:
 def _common_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
                        cfg: CosegConfig, device: torch.device | str) -> Candidates:
     """Every proposal scored by co-saliency contrast; NMS keeps at most `max_instances`."""
-    feats, _, cosal = forward_maps(net, img, cfg, device)  # type: ignore[arg-type]
+    feats, _, cosal = forward_maps(net, network_input(img, cfg, device),  # type: ignore[arg-type]
+                                   img.shape[:2], cfg.cosal_stride)
     inside, ring = contrast_stats(masks, cosal, cfg.ring_px)
     scores = contrast_scores(inside, ring)
     keep = ranking.greedy_nms(scores, masks, iou_thresh=cfg.nms_iou_thresh,

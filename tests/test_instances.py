@@ -137,7 +137,7 @@ def _changed_value(field: dataclasses.Field, value):
 
 @pytest.mark.parametrize("field", dataclasses.fields(CosegConfig), ids=lambda f: f.name)
 def test_a_changed_field_changes_exactly_the_keys_that_use_it(field) -> None:
-    base = PRESETS["fast"]
+    base = PRESETS["paper"]  # every single-field change from it is a valid config
     declared = {s for s, names in _DECLARED.items() if field.name in names}
     if field.name in RUNTIME_FIELDS:
         assert not declared, f"{field.name} is runtime-only yet declared by {declared}"
@@ -152,3 +152,26 @@ def test_a_changed_field_changes_exactly_the_keys_that_use_it(field) -> None:
             expect.add(stage)
     got = {s for s in before if before[s] != after[s]}
     assert got == expect, (field.name, got, expect)
+
+
+def test_peaks_ranking_on_the_stride_16_map() -> None:
+    """Peaks found on the finer conv5_3 map are back-propagated through that same map."""
+    import torch
+
+    from coseg_cli.errors import ConfigError
+    from coseg_cli.model import CoSegNet
+
+    torch.manual_seed(0)
+    net = CoSegNet().eval()
+    torch.nn.init.normal_(net.saliency.weight, std=0.01)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    masks = np.stack([_square(48, 64, 4, 4, 16), _square(48, 64, 20, 30, 20)])
+    cfg = dataclasses.replace(PRESETS["fast"], ranking="peaks", infer_size=128, max_peaks=3)
+    ps = instances.score_peaks(net, img, masks, cfg, "cpu", chunk=2)
+    assert ps.peak_rc.max() >= 4  # a cell of the 8×8 map, beyond the 4×4 pool5 map
+    assert ps.scores.shape == (len(ps.peak_rc), 2) and np.isfinite(ps.scores).all()
+    cand = instances.image_stage2(net, img, masks, cfg, "cpu")
+    assert len(cand.prop_idx) == len(cand.peaks_xy) >= 1
+    with pytest.raises(ConfigError, match="cosal_stride 16 needs feature_layer pool5"):
+        dataclasses.replace(cfg, feature_layer="fc6_new")
