@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,32 @@ def make_batches(num_images: int, batch_images: int, gen: torch.Generator) -> li
     return batches
 
 
+def _keep(grad: torch.Tensor) -> None:
+    """A gradient hook that changes nothing (see `_signal_points`)."""
+
+
+@contextmanager
+def _signal_points(model: torch.nn.Module) -> Iterator[None]:
+    """Let Ctrl-C / SIGTERM interrupt a backward pass between pooling blocks.
+
+    A CPU backward pass runs in C++, where a pending Python signal handler waits until it ends
+    (several seconds for a batch of 6); a no-op gradient hook on each pooling output hands control
+    back to the interpreter once per block, so the handler's KeyboardInterrupt stops the step
+    there. Gradients are unchanged.
+    """
+    def on_output(_module: torch.nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(_keep)
+
+    handles = [m.register_forward_hook(on_output) for m in model.modules()
+               if isinstance(m, torch.nn.MaxPool2d)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def finetune(
     model: CoSegNet,
     images: Sequence[np.ndarray],
@@ -122,35 +149,36 @@ def finetune(
     report = TrainReport(device=str(dev))
     step = 0
     t0 = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        sums = dict.fromkeys(LOSS_TERMS, 0.0)
-        batches = make_batches(len(images), cfg.batch_images, gen)
-        for b_i, batch in enumerate(batches, start=1):
-            idx = torch.tensor(batch)
-            x = x_all[idx].to(dev, non_blocking=True)
-            pri = p_all[idx].to(dev, non_blocking=True)
-            feats, logits = model(x)
-            loss, parts = total_loss(feats, logits, pri, lambda_copeak=cfg.lambda_copeak,
-                                     lambda_affinity=cfg.lambda_affinity,
-                                     alpha=cfg.affinity_alpha)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"loss became {value} at epoch {epoch}/{cfg.epochs} (step {step + 1}); "
-                    f"terms: { {k: float(v.detach()) for k, v in parts.items()} }; try a lower "
-                    f"--lr (now {cfg.lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            sums["total"] += value
-            for k, v in parts.items():
-                sums[k] += float(v.detach())
-            if progress is not None:
-                running = {k: v / b_i for k, v in sums.items()}
-                running["epoch"] = float(epoch)
-                progress("finetune", step, total_steps, running)
-        report.history.append({k: v / len(batches) for k, v in sums.items()})
+    with _signal_points(model):
+        for epoch in range(1, cfg.epochs + 1):
+            sums = dict.fromkeys(LOSS_TERMS, 0.0)
+            batches = make_batches(len(images), cfg.batch_images, gen)
+            for b_i, batch in enumerate(batches, start=1):
+                idx = torch.tensor(batch)
+                x = x_all[idx].to(dev, non_blocking=True)
+                pri = p_all[idx].to(dev, non_blocking=True)
+                feats, logits = model(x)
+                loss, parts = total_loss(feats, logits, pri, lambda_copeak=cfg.lambda_copeak,
+                                         lambda_affinity=cfg.lambda_affinity,
+                                         alpha=cfg.affinity_alpha)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"loss became {value} at epoch {epoch}/{cfg.epochs} (step {step + 1}); "
+                        f"terms: { {k: float(v.detach()) for k, v in parts.items()} }; try a lower "
+                        f"--lr (now {cfg.lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                sums["total"] += value
+                for k, v in parts.items():
+                    sums[k] += float(v.detach())
+                if progress is not None:
+                    running = {k: v / b_i for k, v in sums.items()}
+                    running["epoch"] = float(epoch)
+                    progress("finetune", step, total_steps, running)
+            report.history.append({k: v / len(batches) for k, v in sums.items()})
     report.steps = step
     report.seconds = time.perf_counter() - t0
     model.eval()

@@ -118,3 +118,36 @@ def test_real_folder_loss_decreases_and_saliency_follows_prior(coco_dev):
     after = corr()
     assert report.history[-1]["total"] < report.history[0]["total"], report.history
     assert after > before + 0.3, (before, after)
+
+
+def test_signal_points_leave_gradients_and_stop_backward_midway(monkeypatch) -> None:
+    """The no-op pooling hooks change no gradient, and Python code (where a pending signal's
+    KeyboardInterrupt is raised) runs *inside* the backward pass, before the early layers."""
+    import torch
+
+    from coseg_cli import train
+    from coseg_cli.model import CoSegNet
+
+    torch.manual_seed(0)
+    a, b = CoSegNet(), CoSegNet()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with train._signal_points(a):
+        f, lg = a(x)
+        (f.mean() + lg.mean()).backward()
+    f, lg = b(x)
+    (f.mean() + lg.mean()).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
+
+    def interrupt(grad):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_keep", interrupt)
+    c = CoSegNet()
+    with train._signal_points(c), pytest.raises(KeyboardInterrupt):
+        f, lg = c(x)
+        (f.mean() + lg.mean()).backward()
+    assert c.features[0].weight.grad is None  # conv1_1 never reached
+    with train._signal_points(c):
+        pass
+    assert not c.features[4]._forward_hooks  # hooks removed on exit
