@@ -206,7 +206,7 @@ def contrast_scores(inside: np.ndarray, ring: np.ndarray) -> np.ndarray:
 
 
 def _cosal_maxima(masks: np.ndarray, cosal: np.ndarray) -> np.ndarray:
-    """int64[M,2] (x, y) of each mask's co-saliency maximum (its centre of mass if empty)."""
+    """int64[M,2] (x, y) of each mask's co-saliency maximum ((0, 0) for an empty mask)."""
     out = np.zeros((len(masks), 2), np.int64)
     for i, m in enumerate(masks):
         ys, xs = np.nonzero(m)
