@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from coseg_cli.config import CosegConfig
 from coseg_cli.images import list_images, load_image
 from coseg_cli.saliency import METHODS, compute_saliency
 
@@ -77,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--categories", help="comma-separated (default: all with ≤ 40 images)")
     ap.add_argument("--limit-per-category", type=int, default=None)
     ap.add_argument("--methods", help=f"comma-separated (default: all of {sorted(METHODS)})")
-    ap.add_argument("--work-max-side", type=int, default=640)
+    ap.add_argument("--work-max-side", type=int, default=CosegConfig.work_max_side)
     args = ap.parse_args(argv)
 
     methods = args.methods.split(",") if args.methods else list(METHODS)
+    configs = {m: CosegConfig(prior=m, work_max_side=args.work_max_side) for m in methods}
     cats = args.categories.split(",") if args.categories else None
     items = load_items(args.data, cats, args.limit_per_category)
     if not items:
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # Warm-up (ONNX session creation, imports) is kept out of the timings.
     warm = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     for m in methods:
-        compute_saliency(warm, m, work_max_side=args.work_max_side)
+        compute_saliency(warm, configs[m])
 
     scores: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     seconds: dict[str, float] = {m: 0.0 for m in methods}
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         gt = (ids > 0) & valid
         for m in methods:
             t0 = time.perf_counter()
-            sal = compute_saliency(image, m, work_max_side=args.work_max_side)
+            sal = compute_saliency(image, configs[m])
             seconds[m] += time.perf_counter() - t0
             scores[m].append(score_map(sal, gt, valid))
         print(f"\r{k + 1}/{len(items)} images", end="", file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ Prints a table and, last, one JSON line with the same numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from coseg_cli import images as image_io
+from coseg_cli.coco import mask_iou
 from coseg_cli.config import CosegConfig
 from coseg_cli.proposals import generate_proposals
 
@@ -41,15 +43,9 @@ def best_overlaps(masks: np.ndarray, gt_ids: np.ndarray, ks: tuple[int, ...]) ->
     out = np.zeros((len(ids), len(ks)))
     if masks.shape[0] == 0 or not ids:
         return out
-    flat = masks.reshape(masks.shape[0], -1)
-    prop_area = flat.sum(1, dtype=np.int64)
-    gflat = gt_ids.ravel()
-    for g, inst in enumerate(ids):
-        idx = np.flatnonzero(gflat == inst)
-        inter = flat[:, idx].sum(1, dtype=np.int64)
-        iou = inter / (prop_area + idx.size - inter)
-        for j, k in enumerate(ks):
-            out[g, j] = iou[:k].max()
+    iou = mask_iou(masks, np.stack([gt_ids == inst for inst in ids]))  # [N,G]
+    for j, k in enumerate(ks):
+        out[:, j] = iou[:k].max(axis=0)
     return out
 
 
@@ -73,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown categories: {missing}", file=sys.stderr)
             return 2
         cats = wanted
+    cfg = dataclasses.replace(d, proposal_method=args.method, max_proposals=args.max_proposals,
+                              work_max_side=args.work_max_side,
+                              prior=d.prior if args.prior == "none" else args.prior)
     compute_saliency = None
     if args.prior != "none":
         from coseg_cli.saliency import compute_saliency
@@ -89,11 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             gt = np.asarray(Image.open(args.data / cat / "masks" / f"{path.stem}.png"))
             prior = None
             if compute_saliency is not None:
-                prior = compute_saliency(rec.image, method=args.prior)
+                prior = compute_saliency(rec.image, cfg)
             t0, c0 = time.perf_counter(), time.process_time()
-            props = generate_proposals(rec.image, method=args.method,
-                                       max_proposals=args.max_proposals,
-                                       work_max_side=args.work_max_side, prior=prior)
+            props = generate_proposals(rec.image, cfg, prior=prior)
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
             counts.append(len(props))
@@ -128,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                "sec_per_image_cpu": float(np.mean(cpu)) if cpu else 0.0,
                "max_sec_wall": float(np.max(wall)) if wall else 0.0,
                "peak_rss_mb": peak_mb}
-    print(f"proposals/img {summary['mean_proposals']:.0f}  s/img wall {summary['sec_per_image_wall']:.2f} "
+    print(f"proposals/img {summary['mean_proposals']:.0f}  "
+          f"s/img wall {summary['sec_per_image_wall']:.2f} "
           f"(cpu {summary['sec_per_image_cpu']:.2f}, max wall {summary['max_sec_wall']:.2f})  "
           f"peak RSS {peak_mb:.0f} MB")
     print(json.dumps(summary))

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from coseg_cli import export, images, pipeline, train, weights
 from coseg_cli import model as model_mod
+from coseg_cli.coco import rle_iou
 from coseg_cli.config import CosegConfig, preset_config
 from coseg_cli.evaluate import (
     GTCategory,
@@ -39,7 +40,6 @@ from coseg_cli.evaluate import (
     evaluate_category,
     load_gt_json,
     load_predictions,
-    mask_ious,
 )
 from coseg_cli.runtime import StageCache
 
@@ -60,7 +60,7 @@ def size_hits(gt: GTCategory, preds: ImagePredictions, iou_thresh: float = 0.5
     for im, rles in zip(gt.images, preds.rles):
         if not im.rles:
             continue
-        best = mask_ious(rles, im.rles).max(axis=0) if rles else np.zeros(len(im.rles))
+        best = rle_iou(rles, im.rles).max(axis=0) if rles else np.zeros(len(im.rles))
         for area, iou in zip(mask_utils.area(im.rles), best):
             name = next(n for n, lo, hi in SIZES if lo <= area < hi)
             out[name][0] += 1
@@ -168,7 +168,7 @@ def main() -> None:
         seconds[cat] = time.time() - t
         stages = " ".join(f"{k}={v:.0f}" for k, v in result.timings.items() if k != "total")
         print(f"  ran {cat}: {len(records)} images, {len(result.instances)} instances, "
-              f"{seconds[cat]:.1f} s ({stages}; cache hits {result.info['cache_hits']})\n"
+              f"{seconds[cat]:.1f} s ({stages}; cache hits {result.cache_hits})\n"
               f"  {_row(cat, method[cat])}   | baseline {_row('', base[cat])[14:]}", flush=True)
     done = list(method)
     if not done:

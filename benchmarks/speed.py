@@ -20,9 +20,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coseg_cli import export, images, pipeline  # noqa: E402
-from coseg_cli.config import CosegConfig, preset_config  # noqa: E402
-from train_speed import matmul_peak  # noqa: E402
+from train_speed import matmul_peak
+
+from coseg_cli import export, images, pipeline
+from coseg_cli.config import CosegConfig, preset_config
 
 REFERENCE_PEAK_GFLOPS = 175.6  # fp32 torch.mm 4096² on the quiet 2-core CI machine (BENCHMARKS.md)
 

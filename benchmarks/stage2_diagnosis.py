@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from coseg_cli import images, instances, pipeline, ranking
+from coseg_cli.coco import mask_iou
 from coseg_cli.config import CosegConfig, preset_config
 from coseg_cli.evaluate import load_gt_json
 from coseg_cli.runtime import StageCache
@@ -46,7 +47,7 @@ def pixel_auc(score: np.ndarray, label: np.ndarray) -> float:
 
 def diagnose_image(net, img, prior, masks, gt_masks, cfg: CosegConfig) -> dict[str, float]:
     ps = instances.score_peaks(net, img, masks, cfg, "cpu", chunk=4)
-    iou = ranking.mask_iou(masks, gt_masks)  # [N,G]
+    iou = mask_iou(masks, gt_masks)  # [N,G]
     out: dict[str, float] = {}
     picked = np.zeros((0, len(gt_masks)))
     final = np.zeros((0, len(gt_masks)))

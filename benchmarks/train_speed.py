@@ -34,10 +34,6 @@ from coseg_cli import model as M
 from coseg_cli import train as T
 from coseg_cli.config import CosegConfig
 
-CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
-         (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
-SCALE = [1, 1, 2, 2, 4, 4, 4, 8, 8, 8, 16, 16, 16]  # input downsampling of each conv
-
 
 def physical_cores() -> int:
     """Distinct (package, core) pairs the process may run on; hyper-threads do not add FLOPs."""
@@ -69,8 +65,8 @@ def train_flops_per_image(size: int, freeze_until: str) -> tuple[float, float]:
     if freeze_until != "none":
         last_frozen = list(M.CONV_LAYERS).index(freeze_until)
     fwd = bwd = 0.0
-    for i, ((cin, cout), s) in enumerate(zip(CONVS, SCALE)):
-        f = 2.0 * cin * cout * 9 * (size // s) ** 2
+    for i, conv in enumerate(M.VGG16_CONVS):
+        f = 2.0 * conv.in_channels * conv.out_channels * 9 * (size // conv.stride) ** 2
         fwd += f
         if i > last_frozen:
             bwd += f  # weight gradient
@@ -102,7 +98,7 @@ def run_setting(size: int, freeze_until: str, epochs: int, batch: int) -> dict[s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs (one batch each)")
-    ap.add_argument("--batch", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=CosegConfig.batch_images)
     ap.add_argument("--threads", type=int, default=0, help="0 = physical cores")
     args = ap.parse_args()
     threads = args.threads or physical_cores()
@@ -124,7 +120,8 @@ def main() -> None:
         print(f"{name:<26}{r['s_per_img']:>12.2f}{r['gflop_per_img']:>11.1f}{r['gflops']:>9.1f}"
               f"{100 * r['gflops'] / peak:>7.0f}%{r['maxrss_gb']:>11.2f}")
     paper = results[0][1]
-    print(json.dumps({"peak_gflops": round(peak, 1), "paper_s_per_img": round(paper["s_per_img"], 3),
+    print(json.dumps({"peak_gflops": round(peak, 1),
+                      "paper_s_per_img": round(paper["s_per_img"], 3),
                       "paper_gflops": round(paper["gflops"], 1),
                       "paper_ratio": round(paper["gflops"] / peak, 3),
                       "paper_maxrss_gb": round(paper["maxrss_gb"], 2)}))

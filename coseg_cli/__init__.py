@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .config import PRESETS, CosegConfig, preset_config  # noqa: E402
-from .errors import ConfigError, CosegError, InputError  # noqa: E402
+from .config import PRESETS, CosegConfig, preset_config
+from .errors import ConfigError, CosegError, InputError
 
 __all__ = [
     "PRESETS",

@@ -80,11 +80,6 @@ def shard_indices(folders: list[Path], k: int, n: int) -> list[int]:
     return sorted(i for pos, i in enumerate(ranked) if pos % n == k - 1)
 
 
-def select_shard(folders: list[Path], k: int, n: int) -> list[Path]:
-    """The folders of shard K of N (see `shard_indices`), in their original order."""
-    return [folders[i] for i in shard_indices(folders, k, n)]
-
-
 def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | None = None,
                skip_bad: bool = False, use_cache: bool = True, force: bool = False,
                weights_path: Path | None = None, progress: pipeline.Progress | None = None
@@ -105,7 +100,7 @@ def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | Non
                                     category=name, progress=progress)
         result.timings.update({f"write_{k}": v for k, v in export.write_all(result, out).items()})
         export.write_manifest(out, pipeline.build_manifest(
-            result, folder, t0, {"skipped_files": skipped, "seconds": time.time() - t0}))
+            result, folder, t0, skipped_files=skipped, seconds=time.time() - t0))
         report.write_report(out)
     except CosegError as exc:
         if created:  # a folder that failed before writing anything leaves no empty OUT behind

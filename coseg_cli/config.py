@@ -14,7 +14,8 @@ from .errors import ConfigError
 FREEZE_CHOICES = ("none", "conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3")
 FEATURE_LAYERS = ("pool5", "fc6_new")
 RANKINGS = ("peaks", "common")
-COSAL_STRIDES = (32, 16)
+NET_STRIDE = 32  # VGG-16 to pool5: five 2×2 max-pools, 448 → 14
+COSAL_STRIDES = (NET_STRIDE, NET_STRIDE // 2)  # pool5, conv5_3
 # Fields that change how a run executes, never what it computes (no stage cache key holds them).
 RUNTIME_FIELDS = ("device", "num_threads", "preset")
 
@@ -42,15 +43,17 @@ class CosegConfig:
     freeze_until: str = "none"  # paper: all layers updated; "conv3_3" freezes conv1_1…conv3_3
     # --- priors and proposals (SVFSal and MCG are unavailable; see saliency.py, proposals.py) ---
     # saliency.METHODS name. "fusion" (spectral residual + MB+) is the best UNSUPERVISED prior
-    # measured by benchmarks/priors.py on coco-dev, 294 images: max F-β 0.185 vs 0.149 for
-    # spectral residual (AUC 0.695 vs 0.688), 0.38 s/img on the shared 2-core CPU.
+    # measured by benchmarks/priors.py on coco-dev (294 images, 36 categories ≤ 40 images,
+    # work_max_side 640), max F-β / AUC: fusion 0.185 / 0.695, mbplus 0.183 / 0.673,
+    # spectral_residual 0.149 / 0.688; trained on saliency labels: fusion_u2netp 0.203 / 0.680
+    # (the `fast` preset's), u2netp 0.185 / 0.621. fusion takes 0.38 s/img on the 2-core CPU.
     prior: str = "fusion"
     proposal_method: str = "hierarchical"  # proposal source (proposals.METHODS)
     # Cap per image, highest proposal scores kept. benchmarks/proposals.py, 37 coco-dev images
     # (1 per category): recall@0.5 0.09 / 0.20 / 0.39 at 100 / 300 / 1000, still rising at
     # 1000; 1000 masks at 640×480 are ~0.3 GB, within the 2 GB budget.
     max_proposals: int = 1000
-    min_area_frac: float = 2e-5  # deepco3.md: keep 2e-5 ≤ area/image ≤ 0.85
+    min_area_frac: float = 2e-5  # authors' code: proposals kept at 2e-5 ≤ area/image ≤ 0.85
     max_area_frac: float = 0.85
     work_max_side: int = 640  # priors/proposals run with the longer side capped here, mapped back
     # --- stage 2: instance masks ---
@@ -106,14 +109,14 @@ class CosegConfig:
                               f"reads conv5_3's 512 channels), got {self.feature_layer!r}")
         if self.common_power < 0:
             raise ConfigError(f"common_power must be >= 0, got {self.common_power}")
-        if self.infer_size < 0 or self.infer_size % 32 != 0:
-            raise ConfigError("infer_size must be 0 (= image_size) or a positive multiple of 32, "
-                              f"got {self.infer_size}")
+        if self.infer_size < 0 or self.infer_size % NET_STRIDE != 0:
+            raise ConfigError("infer_size must be 0 (= image_size) or a positive multiple of "
+                              f"{NET_STRIDE}, got {self.infer_size}")
         if self.max_peaks < 0:
             raise ConfigError(f"max_peaks must be >= 0 (0 = no cap), got {self.max_peaks}")
-        if self.image_size % 32 != 0:
-            raise ConfigError("image_size must be a multiple of 32 (VGG-16 stride), got "
-                              f"{self.image_size}")
+        if self.image_size % NET_STRIDE != 0:
+            raise ConfigError(f"image_size must be a multiple of {NET_STRIDE} (VGG-16 stride), "
+                              f"got {self.image_size}")
         if self.batch_images < 2:
             raise ConfigError("batch_images must be >= 2 (pairs are needed), got "
                               f"{self.batch_images}")

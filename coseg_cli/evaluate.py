@@ -1,6 +1,6 @@
 """Score predicted instance masks against ground truth: mAP^r@t and CorLoc^r (DeepCO3 protocol).
 
-Semantics (see ../shared/docs/deepco3.md "Evaluation"):
+Semantics (the paper's §4.2; README.md, "Evaluation (`coseg eval`)"):
 
 * Per category, all images are pooled. In each image the predictions are taken by descending
   score (ties: input order) and each is matched to the not-yet-matched GT instance of highest mask
@@ -22,8 +22,6 @@ All IoUs come from pycocotools' RLE `iou`, vectorised per image.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,18 +33,19 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from .coco import (
+    Rle,
     annotation_where,
     check_dataset_masks,
     check_image_size,
     check_segmentation,
     encode_masks,
     image_label,
+    rle_iou,
     to_rle,
     valid_id,
 )
 from .errors import ConfigError, InputError
-
-logger = logging.getLogger(__name__)
+from .runtime import read_json
 
 DEFAULT_IOU_THRESHOLDS: tuple[float, ...] = (0.25, 0.5, 0.75)  # paper Table 2 (+0.75)
 CORLOC_IOU_THRESH = 0.5  # paper Table 4: CorLoc^r at IoU > 0.5
@@ -55,25 +54,8 @@ PRED_JSON_NAME = "instances.json"  # what `coseg run` writes
 PNG_IGNORE_VALUE = 255  # crowd / ignore region in instance-id PNGs
 _MAX_NAMED = 5  # names listed in a warning before "…"
 
-Rle = dict[str, Any]
-
 
 # --------------------------------------------------------------------------- pure metrics
-
-
-def mask_ious(pred_rles: Sequence[Rle], gt_rles: Sequence[Rle]) -> np.ndarray:
-    """Pairwise mask IoU.
-
-    Args:
-        pred_rles: K compressed RLEs. gt_rles: G compressed RLEs of the same size.
-
-    Returns:
-        float64[K,G] in [0,1] (an empty mask has IoU 0 with everything).
-    """
-    if len(pred_rles) == 0 or len(gt_rles) == 0:
-        return np.zeros((len(pred_rles), len(gt_rles)), np.float64)
-    return np.asarray(mask_utils.iou(list(pred_rles), list(gt_rles), [0] * len(gt_rles)),
-                      np.float64).reshape(len(pred_rles), len(gt_rles))
 
 
 def crowd_overlap(pred_rles: Sequence[Rle], crowd_rle: Rle | None) -> np.ndarray:
@@ -86,9 +68,9 @@ def crowd_overlap(pred_rles: Sequence[Rle], crowd_rle: Rle | None) -> np.ndarray
     Returns:
         float64[K] in [0,1]; zeros when there is no crowd region.
     """
-    if crowd_rle is None or len(pred_rles) == 0:
+    if crowd_rle is None:
         return np.zeros(len(pred_rles), np.float64)
-    return np.asarray(mask_utils.iou(list(pred_rles), [crowd_rle], [1]), np.float64).reshape(-1)
+    return rle_iou(pred_rles, [crowd_rle], crowd=True)[:, 0]
 
 
 def score_order(scores: np.ndarray) -> np.ndarray:
@@ -132,7 +114,7 @@ def match_image(pred_rles: Sequence[Rle], scores: Sequence[float] | np.ndarray,
     Returns:
         (tp, ignored): bool[K] each, in the input order of `pred_rles`.
     """
-    ious = mask_ious(pred_rles, gt_rles)
+    ious = rle_iou(pred_rles, gt_rles)
     return _greedy_match(ious, crowd_overlap(pred_rles, crowd_rle),
                          score_order(np.asarray(scores)), iou_thresh)
 
@@ -277,21 +259,6 @@ class EvalResult:
 # --------------------------------------------------------------------------- reading inputs
 
 
-def _read_json(path: Path, what: str) -> Any:
-    if not path.exists():
-        raise InputError(f"{what} not found: {path}")
-    if not path.is_file():
-        raise InputError(f"{what} is not a file: {path}")
-    try:
-        with path.open("rb") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{what} {path} is not valid JSON (line {exc.lineno}, column "
-                         f"{exc.colno}: {exc.msg})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {what} {path}: {exc}") from None
-
-
 def _rle_of(seg: Any, height: int, width: int, where: str) -> Rle:
     """Any COCO segmentation → compressed RLE at (height, width), validated first."""
     check_segmentation(seg, height, width, where)
@@ -313,7 +280,7 @@ def load_gt_json(path: Path, name: str | None = None) -> GTCategory:
     Raises:
         InputError: missing/unparseable file, not a COCO dataset, several categories, bad masks.
     """
-    data = _read_json(path, "ground truth")
+    data = read_json(path, "ground truth")
     if not _is_dataset(data):
         raise InputError(f"ground truth {path} is not a COCO instances JSON (needs 'images' and "
                          "'annotations' lists)")
@@ -400,7 +367,7 @@ def load_predictions(path: Path, gt: GTCategory) -> ImagePredictions:
     """
     if path.is_dir():
         path = path / PRED_JSON_NAME
-    data = _read_json(path, "predictions")
+    data = read_json(path, "predictions")
     preds = ImagePredictions([[] for _ in gt.images], [[] for _ in gt.images])
     unknown: dict[str, int] = {}
 
@@ -499,7 +466,7 @@ def evaluate_category(gt: GTCategory, preds: ImagePredictions,
         num_gt += len(im.rles)
         score_arr = np.asarray(scores, np.float64)
         order = score_order(score_arr)
-        ious = mask_ious(rles, im.rles)
+        ious = rle_iou(rles, im.rles)
         crowd_ov = crowd_overlap(rles, im.crowd)
         all_scores.append(score_arr)
         for t in ts:
@@ -552,8 +519,8 @@ def _unknown_warning(name: str, preds: ImagePredictions) -> list[str]:
     if not preds.unknown_preds:
         return []
     n_img = len(preds.unknown_images)
-    return [f"{name}: {preds.unknown_preds} prediction(s) on {n_img} image(s) not in the ground "
-            f"truth, not scored ({_named(preds.unknown_images)})"]
+    return [(f"{name}: {preds.unknown_preds} prediction(s) on {n_img} image(s) not in the "
+             f"ground truth, not scored ({_named(preds.unknown_images)})")]
 
 
 def evaluate(gt: Path, pred: Path,
@@ -637,7 +604,6 @@ __all__ = [
     "load_gt_json",
     "load_gt_pngs",
     "load_predictions",
-    "mask_ious",
     "match_image",
     "metric_key",
 ]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import colorsys
 import shutil
 import time
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import cv2
@@ -16,19 +17,25 @@ from PIL import Image
 
 from . import coco
 from .errors import InputError, OutputError
+from .manifest import MANIFEST_NAME, Manifest
 from .matches import instance_matches
-from .records import ImageRecord, Instance, RunResult
+from .records import Instance, RunResult
 from .runtime import atomic_path, atomic_write_json, write_error
 
 OUTPUT_DIRS = ("masks", "labels", "overlays", "cosaliency")
 
 
-def output_stems(images: list[ImageRecord]) -> list[str]:
-    """File stems for outputs: the image stem, or its sanitised relative name on a clash."""
-    stems = [r.stem for r in images]
+def output_stems(names: Sequence[str]) -> list[str]:
+    """File stems for outputs: the image stem, or its sanitised relative name on a clash.
+
+    Args:
+        names: each image's path relative to the input folder (posix), as ImageRecord.name and
+            instances.json's file_name hold it.
+    """
+    stems = [PurePosixPath(n).stem for n in names]
     clash = {s for s in stems if stems.count(s) > 1}
-    return [r.name.replace("/", "__").replace(".", "_") if r.stem in clash else r.stem
-            for r in images]
+    return [n.replace("/", "__").replace(".", "_") if s in clash else s
+            for n, s in zip(names, stems)]
 
 
 def instances_coco(result: RunResult) -> dict[str, Any]:
@@ -178,9 +185,9 @@ def write_all(result: RunResult, out: Path, *, overlays: bool = True) -> dict[st
     Returns seconds spent per output kind."""
     out = Path(out)
     check_writable(out)
-    (out / "manifest.json").unlink(missing_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
     t0 = time.perf_counter()
-    stems = output_stems(result.images)
+    stems = output_stems([r.name for r in result.images])
     per_image: list[list[Instance]] = [[] for _ in result.images]
     for inst in result.instances:
         per_image[inst.image_index].append(inst)
@@ -210,9 +217,9 @@ def _existing_stems(out: Path) -> set[str]:
     return {p.name for p in masks.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
 
-def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(out: Path, manifest: Manifest) -> None:
     """The manifest is written last: its presence marks a complete output folder."""
-    atomic_write_json(Path(out) / "manifest.json", manifest)
+    atomic_write_json(Path(out) / MANIFEST_NAME, manifest.to_json())
 
 
 def write_prior_map(out_dir: Path, stem: str, prior: np.ndarray, *, npy: bool = False) -> None:

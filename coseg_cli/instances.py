@@ -231,7 +231,8 @@ def _common_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
 
 
 def image_stage2(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray, cfg: CosegConfig,
-                 device: torch.device | str, chunk: int = 4) -> Candidates:
+                 device: torch.device | str, chunk: int = peaks_mod.BACKPROP_CHUNK
+                 ) -> Candidates:
     """Stage 2 for one image, by `cfg.ranking`.
 
     Args:

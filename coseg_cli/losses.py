@@ -1,4 +1,5 @@
-"""The three DeepCO3 losses (paper eq. 2–6, deepco3.md stage 1), vectorised over pairs/pixels."""
+"""The three DeepCO3 losses (paper §3.2, eq. 2–6, in the forms of the authors' code), vectorised
+over pairs/pixels."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import Tensor
 
 from .model import upsample_logits
 
-FEATURE_EPS = 0.01  # deepco3.md: F̂ = F / sqrt(Σ_c F² + 0.01)
+FEATURE_EPS = 0.01  # authors' code: F̂ = F / sqrt(Σ_c F² + 0.01)
 
 
 def normalize_features(feats: Tensor) -> Tensor:
@@ -98,7 +99,7 @@ def copeak_loss(fn: Tensor, fm: Tensor, sn: Tensor, sm: Tensor) -> Tensor:
     return F.softplus(-v).sum()
 
 
-def affinity_loss(feats: Tensor, sal: Tensor, alpha: float = 4.0) -> Tensor:
+def affinity_loss(feats: Tensor, sal: Tensor, alpha: float) -> Tensor:
     """Affinity loss (eq. 4–5, corrected form) over every pixel pair of the batch.
 
     L_a = mean_{p,q}(S_p S_q (1 − P_pq)) + α·mean_{p,q}((S_p − S_q)² P_pq), P = F̂·F̂ᵀ,
@@ -107,7 +108,7 @@ def affinity_loss(feats: Tensor, sal: Tensor, alpha: float = 4.0) -> Tensor:
     Args:
         feats: float[B,C,h,w] normalised features.
         sal: float[B,1,h,w] or [B,h,w] co-saliency S̃.
-        alpha: α (paper: 4).
+        alpha: α of eq. 4 (the config's `affinity_alpha`).
 
     Returns:
         float scalar.
@@ -154,8 +155,8 @@ def saliency_loss(sal_full: Tensor, prior: Tensor) -> Tensor:
     return (w * (sal_full - prior) ** 2).sum() / hw
 
 
-def total_loss(feats: Tensor, logits: Tensor, priors: Tensor, *, lambda_copeak: float = 0.5,
-               lambda_affinity: float = 0.1, alpha: float = 4.0) -> tuple[Tensor, dict[str, Tensor]]:
+def total_loss(feats: Tensor, logits: Tensor, priors: Tensor, *, lambda_copeak: float,
+               lambda_affinity: float, alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
     """L = ℓ_s + λ_t·ℓ_t + λ_a·ℓ_a for one piecewise batch (eq. 1).
 
     Pairs are the first half of the batch against the second half (image i with i + B/2).
@@ -164,6 +165,8 @@ def total_loss(feats: Tensor, logits: Tensor, priors: Tensor, *, lambda_copeak: 
         feats: float[B,C,h,w] raw head features, B even.
         logits: float[B,1,h,w] saliency logits.
         priors: float[B,1,H,W] continuous priors at the input size.
+        lambda_copeak, lambda_affinity, alpha: λ_t and λ_a of eq. 1, α of eq. 4 (the config's
+            `lambda_copeak`, `lambda_affinity`, `affinity_alpha`).
 
     Returns:
         (total scalar, {"saliency", "copeak", "affinity"} scalars, unweighted).

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .coco import check_dataset_masks
+from .coco import read_dataset
 from .errors import InputError
-from .runtime import atomic_write_json
+from .manifest import MANIFEST_NAME, read_manifest
+from .runtime import atomic_write_json, read_json
 
-RESULT_FILES = ("instances.json", "manifest.json")
+RESULT_FILES = ("instances.json", MANIFEST_NAME)
 INDEX_NAME = "index.json"
 SKIPPED_DIRS = ("cache",)  # stage caches stay with the run that made them
 
@@ -53,13 +54,6 @@ class MergeReport:
     combined: bool = False  # whether OUT/instances.json was written
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-
-
 def _is_result(folder: Path) -> bool:
     return all((folder / f).is_file() for f in RESULT_FILES)
 
@@ -68,18 +62,14 @@ def read_result(folder: Path, name: str | None = None) -> ResultFolder:
     """Describe one complete result folder; `name` defaults to its category, else its own name.
 
     Raises:
-        InputError: instances.json or manifest.json missing or not parseable.
+        InputError: instances.json or manifest.json missing, not parseable or malformed.
     """
     folder = Path(folder)
     if not _is_result(folder):
         raise InputError(f"{folder} is not a complete coseg result (needs "
                          f"{' and '.join(RESULT_FILES)})")
-    data = _read_json(folder / "instances.json")
-    _read_json(folder / "manifest.json")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("annotations"), list):
-        raise InputError(f"{folder / 'instances.json'} is not a COCO dataset dict")
-    check_dataset_masks(data, folder / "instances.json")
+    data = read_dataset(folder / "instances.json")
+    read_manifest(folder)  # a well-formed manifest, or an InputError naming what is wrong
     cats = [c.get("name") for c in data.get("categories", []) if isinstance(c, dict)]
     category = str(cats[0]) if len(cats) == 1 and cats[0] else folder.resolve().name
     return ResultFolder(name or _safe_name(category), folder, category, len(data["images"]),
@@ -198,7 +188,7 @@ def combined_coco(results: list[ResultFolder]) -> dict[str, Any] | None:
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for res in results:
-        data = _read_json(res.path / "instances.json")
+        data = read_json(res.path / "instances.json", "instances")
         new_id: dict[Any, int] = {}
         for img in data["images"]:
             new_id[img["id"]] = len(images) + 1

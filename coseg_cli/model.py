@@ -1,42 +1,71 @@
 """The DeepCO3 network: ImageNet VGG-16 trunk, a feature head and a zero-initialised 1×1
-saliency head (deepco3.md, stage 1), plus the input/prior resizing it needs."""
+saliency head (paper §3.2, head and initialisation as in the authors' code), plus the
+input/prior resizing it needs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import FEATURE_LAYERS, FREEZE_CHOICES, CosegConfig
-from .errors import ConfigError, InputError, WeightsError
+from .config import CosegConfig
+from .errors import InputError, WeightsError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision convention (weights.md), RGB in [0, 1]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's convention, RGB in [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STRIDE = 32  # five 2×2 pools: 448 → 14
 FC6_CHANNELS = 4096  # the official head's width (fc6 as a 7×7 conv)
+
+
+@dataclass(frozen=True)
+class VggConv:
+    """One 3×3 conv (pad 1, then ReLU) of torchvision's VGG-16 `features`.
+
+    Attributes:
+        name: the paper's layer name, conv{block}_{k}. index: its position in `features`.
+        in_channels, out_channels: its channels. stride: downsampling of its input (1 … 16).
+    """
+
+    name: str
+    index: int
+    in_channels: int
+    out_channels: int
+    stride: int
+
+
+def _vgg16_convs() -> tuple[VggConv, ...]:
+    """The 13 convs of VGG-16 configuration "D": blocks of 2, 2, 3, 3, 3 convs of 64 … 512
+    channels, each block followed by a 2×2 max-pool (one `features` entry, as a ReLU is)."""
+    convs: list[VggConv] = []
+    index, cin, stride = 0, 3, 1
+    for block, (num, cout) in enumerate(((2, 64), (2, 128), (3, 256), (3, 512), (3, 512)),
+                                        start=1):
+        for k in range(1, num + 1):
+            convs.append(VggConv(f"conv{block}_{k}", index, cin, cout, stride))
+            index, cin = index + 2, cout  # conv, ReLU
+        index, stride = index + 1, stride * 2  # max-pool
+    return tuple(convs)
+
+
+# The one definition of the VGG-16 trunk's layout; the network, the freezing, the weight
+# loaders and benchmarks/train_speed.py all read it from here.
+VGG16_CONVS = _vgg16_convs()
 # torchvision `vgg16().features` index of each conv, by the paper's layer name.
-CONV_LAYERS = {
-    "conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7, "conv3_1": 10, "conv3_2": 12,
-    "conv3_3": 14, "conv4_1": 17, "conv4_2": 19, "conv4_3": 21, "conv5_1": 24, "conv5_2": 26,
-    "conv5_3": 28,
-}
+CONV_LAYERS = {c.name: c.index for c in VGG16_CONVS}
 
 
 def vgg16_features() -> nn.Sequential:
     """torchvision's VGG-16 `features` layout (13 convs, ReLUs, 5 max-pools), no weights."""
-    cfg: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                            512, 512, 512, "M", 512, 512, 512, "M"]
     layers: list[nn.Module] = []
-    cin = 3
-    for v in cfg:
-        if v == "M":
+    for conv in VGG16_CONVS:
+        if len(layers) < conv.index:  # the block before ended: its max-pool
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [nn.Conv2d(cin, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-            cin = int(v)
+        layers += [nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, padding=1),
+                   nn.ReLU(inplace=True)]
+    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
     return nn.Sequential(*layers)
 
 
@@ -48,19 +77,21 @@ class CoSegNet(nn.Module):
             back-propagation can swap their backward rule).
         head: nn.Identity for "pool5" (512 ch), or a fresh 7×7 conv (pad 3) + ReLU for "fc6_new".
         saliency: 1×1 conv C→1, zero weights and bias (S̃ = 0.5 everywhere at the start).
+
+    Args:
+        feature_layer: a `FEATURE_LAYERS` name, which `CosegConfig` checks (another name is a
+            KeyError here).
     """
 
-    def __init__(self, feature_layer: str = "pool5", fc6_channels: int = FC6_CHANNELS,
+    def __init__(self, feature_layer: str = CosegConfig.feature_layer,
+                 fc6_channels: int = FC6_CHANNELS,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if feature_layer not in FEATURE_LAYERS:
-            raise ConfigError(f"feature_layer must be one of {FEATURE_LAYERS}, "
-                              f"got {feature_layer!r}")
+        channels = {"pool5": 512, "fc6_new": fc6_channels}[feature_layer]
         self.feature_layer = feature_layer
         self.features = vgg16_features()
         if feature_layer == "pool5":
             self.head: nn.Module = nn.Identity()
-            channels = 512
         else:
             conv = nn.Conv2d(512, fc6_channels, kernel_size=7, padding=3)
             # He init keeps the ReLU features' scale; seeded so a run is reproducible.
@@ -68,7 +99,6 @@ class CoSegNet(nn.Module):
                                     generator=generator)
             nn.init.zeros_(conv.bias)
             self.head = nn.Sequential(conv, nn.ReLU(inplace=True))
-            channels = fc6_channels
         self.out_channels = channels
         self.saliency = nn.Conv2d(channels, 1, kernel_size=1)
         nn.init.zeros_(self.saliency.weight)
@@ -173,11 +203,13 @@ def freeze(model: CoSegNet, until: str) -> list[str]:
 
     Frozen layers form a prefix, so autograd builds no graph through them at all.
 
+    Args:
+        until: a `FREEZE_CHOICES` name, which `CosegConfig` checks (another name is a KeyError
+            here).
+
     Returns:
         The names of the frozen conv layers.
     """
-    if until not in FREEZE_CHOICES:
-        raise ConfigError(f"freeze_until must be one of {FREEZE_CHOICES}, got {until!r}")
     for p in model.parameters():
         p.requires_grad_(True)
     if until == "none":
@@ -194,8 +226,9 @@ __all__ = [
     "CONV_LAYERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "STRIDE",
+    "VGG16_CONVS",
     "CoSegNet",
+    "VggConv",
     "build_model",
     "freeze",
     "preprocess",

@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _Z_EPS = 1e-10  # authors' Conv.m: normaliser entries below this give zero gradient
+# Peaks per vmapped backward pass of `peak_backprop`, the default of every caller (stage 2 and
+# the pipeline included): gradient memory ∝ chunk; the maps agree across chunk sizes to
+# rounding (tests/test_peaks.py).
+BACKPROP_CHUNK = 4
 
 
 def find_peaks(logits: Tensor | np.ndarray, *, max_peaks: int | None = None) -> np.ndarray:
@@ -169,7 +173,7 @@ def _logits_of(output: Any) -> Tensor:
 
 
 def peak_backprop(model: nn.Module, x: Tensor, peaks: np.ndarray | Tensor, *,
-                  chunk: int = 8) -> Tensor:
+                  chunk: int = BACKPROP_CHUNK) -> Tensor:
     """PRM peak back-propagation: one instance map per peak.
 
     For each peak, a one-hot gradient at that cell of the logit map is back-propagated to the

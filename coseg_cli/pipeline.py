@@ -17,11 +17,13 @@ import numpy as np
 
 from . import instances as instances_mod
 from . import model as model_mod
+from . import peaks as peaks_mod
 from . import proposals as proposals_mod
 from . import saliency, train, weights
 from .config import CosegConfig, preset_config
 from .errors import InputError
 from .images import load_folder, resize_map, shrink_to
+from .manifest import Counts, InputFile, Manifest
 from .records import ImageRecord, Instance, RunResult
 from .runtime import (
     StageCache,
@@ -81,7 +83,7 @@ def compute_priors(works: list[np.ndarray], sha1s: list[str], cfg: CosegConfig,
         key = prior_key(sha, cfg)
         hit = cache.load("prior", key)
         if hit is None:
-            prior = saliency.compute_saliency(img, cfg.prior, work_max_side=cfg.work_max_side)
+            prior = saliency.compute_saliency(img, cfg)
             cache.save("prior", key, prior=prior.astype(np.float32))
         else:
             prior = hit["prior"].astype(np.float32)
@@ -99,11 +101,7 @@ def compute_proposals(img: np.ndarray, prior: np.ndarray, sha: str, cfg: CosegCo
     if hit is not None:
         n = int(hit["count"])
         return np.unpackbits(hit["packed"], axis=-1, count=h * w).astype(bool).reshape(n, h, w)
-    props = proposals_mod.generate_proposals(
-        img, method=cfg.proposal_method, max_proposals=cfg.max_proposals,
-        min_area_frac=cfg.min_area_frac, max_area_frac=cfg.max_area_frac,
-        work_max_side=cfg.work_max_side, prior=prior, seed=cfg.seed)
-    masks = props.masks
+    masks = proposals_mod.generate_proposals(img, cfg, prior=prior).masks
     cache.save("proposals", key, count=np.array(len(masks)),
                packed=np.packbits(masks.reshape(len(masks), h * w), axis=-1))  # N may be 0
     return masks
@@ -148,7 +146,8 @@ def as_records(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str
 def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
               cfg: CosegConfig | None = None, *, cache_dir: Path | None = None,
               weights_path: Path | None = None, category: str = "object",
-              progress: Progress | None = None, backprop_chunk: int = 4) -> RunResult:
+              progress: Progress | None = None,
+              backprop_chunk: int = peaks_mod.BACKPROP_CHUNK) -> RunResult:
     """Co-segment a group of images of one category; writes nothing (cache aside).
 
     Args:
@@ -226,33 +225,38 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
     return RunResult(
         images=records, instances=instances, cosaliency=cosal_full, config=asdict(cfg),
         environment=environment_record(device), timings=timings, category=category,
-        info={"weights": asdict(winfo), "prior": cfg.prior,
-              "prior_trained": saliency.get_method(cfg.prior).trained,
-              "cache_hits": dict(cache.hits), "train": asdict(report)},
+        weights=winfo, train=report, cache_hits=dict(cache.hits),
         peaks=[c.peaks_xy for c in per_image])
 
 
-def build_manifest(result: RunResult, folder: Path, started_at: float,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything needed to audit or replay a run (`coseg run --config manifest.json`)."""
+def build_manifest(result: RunResult, folder: Path, started_at: float, *,
+                   skipped_files: Sequence[str], seconds: float) -> Manifest:
+    """Everything needed to audit or replay a run (`coseg run --config manifest.json`).
+
+    Args:
+        result: what `cosegment` returned. folder: the input folder. started_at: POSIX time the
+            run started. skipped_files: one message per input skipped (`--skip-bad`).
+        seconds: the run's wall time, writing included.
+    """
+    cfg = CosegConfig.from_dict(result.config)
     per_image = [0] * len(result.images)
     for inst in result.instances:
         per_image[inst.image_index] += 1
-    return {
-        "config": result.config,
-        "category": result.category,
-        "input_folder": str(folder),
-        "inputs": [{"name": r.name, "sha1": r.sha1, "bytes": r.path.stat().st_size
-                    if r.path.exists() else None, "height": r.height, "width": r.width}
-                   for r in result.images],
-        "environment": result.environment,
-        "seed": result.config["seed"],
-        **result.info,
-        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-        "counts": {"images": len(result.images), "instances": len(result.instances),
-                   "instances_per_image": per_image,
-                   # for the report's outlier check (the PNGs hold only 8-bit JET colours)
-                   "cosaliency_mean": [round(float(np.mean(c)), 6) for c in result.cosaliency]},
-        "started_at": datetime.fromtimestamp(started_at, UTC).isoformat(),
-        **(extra or {}),
-    }
+    return Manifest(
+        config=cfg,
+        category=result.category,
+        input_folder=str(folder),
+        inputs=tuple(InputFile(r.name, r.sha1, r.path.stat().st_size if r.path.exists() else None,
+                               r.height, r.width) for r in result.images),
+        environment=result.environment,
+        weights=result.weights,
+        prior_trained=saliency.get_method(cfg.prior).trained,
+        cache_hits=result.cache_hits,
+        train=result.train,
+        timings_s={k: round(v, 3) for k, v in result.timings.items()},
+        counts=Counts(len(result.images), len(result.instances), tuple(per_image),
+                      tuple(round(float(np.mean(c)), 6) for c in result.cosaliency)),
+        started_at=datetime.fromtimestamp(started_at, UTC),
+        skipped_files=tuple(skipped_files),
+        seconds=seconds,
+    )

@@ -42,6 +42,7 @@ import numpy as np
 from scipy import ndimage, sparse
 
 from . import coco
+from .config import CosegConfig
 from .errors import ConfigError
 from .images import as_rgb3, shrink_to
 from .records import ProposalSet
@@ -160,7 +161,8 @@ def _region_features(labels: np.ndarray, img: np.ndarray, num: int
     """Per-region L1-normalised colour and texture histograms, sizes and boxes.
 
     Returns:
-        colour float32[K,75], texture float32[K,96], size float64[K], boxes int64[K,4] (x0,y0,x1,y1).
+        colour float32[K,75], texture float32[K,96], size float64[K],
+        boxes int64[K,4] (x0, y0, x1, y1).
     """
     flat = labels.ravel().astype(np.int64)
     chans = img.reshape(-1, 3).astype(np.int64)
@@ -505,11 +507,11 @@ def _prior_candidates(prior: np.ndarray, atom_map: np.ndarray, atom_area: np.nda
 # --- public API ---------------------------------------------------------------------------------
 
 
-def _hierarchical_method(image: np.ndarray, *, max_proposals: int, min_area_frac: float,
-                         max_area_frac: float, work_max_side: int, prior: np.ndarray | None,
-                         seed: int) -> ProposalSet:
+def _hierarchical_method(image: np.ndarray, prior: np.ndarray | None, cfg: CosegConfig
+                         ) -> ProposalSet:
+    """Selective-search masks (see the module docstring); reads `cfg`'s CONFIG_FIELDS."""
     height, width = image.shape[:2]
-    work = _work_image(image, work_max_side)
+    work = _work_image(image, cfg.work_max_side)
     h, w = work.shape[:2]
     if h * w < _MIN_WORK_PIXELS or height * width < _MIN_WORK_PIXELS:
         return _empty(height, width)
@@ -536,19 +538,19 @@ def _hierarchical_method(image: np.ndarray, *, max_proposals: int, min_area_frac
             level=None, strategy=None)
 
     frac = cand.areas / float(h * w)
-    keep = np.flatnonzero((frac >= min_area_frac) & (frac <= max_area_frac))
+    keep = np.flatnonzero((frac >= cfg.min_area_frac) & (frac <= cfg.max_area_frac))
     if keep.size == 0:
         return _empty(height, width)
     keys = cand.keys()
-    all_scores = _score(cand, float(h * w), seed)
+    all_scores = _score(cand, float(h * w), cfg.seed)
     score = all_scores[keep]
     # Best first; exact duplicates (the same atoms from several strategies) keep the best copy.
     order = keep[np.lexsort((keep, -score))]
     _, first = np.unique(keys[order], return_index=True)
-    order = order[np.sort(first)[:_NEAR_DUP_POOL * max_proposals]]
+    order = order[np.sort(first)[:_NEAR_DUP_POOL * cfg.max_proposals]]
     members = cand.members(order)
     # Masks are returned at full resolution (bool[N,H,W]): bound their memory on huge images.
-    max_keep = max(1, min(max_proposals, _MAX_MASK_BYTES // (height * width)))
+    max_keep = max(1, min(cfg.max_proposals, _MAX_MASK_BYTES // (height * width)))
     kept = _dedup(members, cand.areas[order], cand.boxes_xyxy[order], atom_area, max_keep)
     idx = order[kept]
     members = members[kept]
@@ -575,10 +577,11 @@ def _area_weight(area_frac: np.ndarray) -> np.ndarray:
 def _score(cand: _Candidates, num_pixels: float, seed: int) -> np.ndarray:
     """Weighted-sampling keys u^(1/w) in (0, 1] (Efraimidis–Spirakis) → float32[N].
 
-    The weight w = size prior × (stability + 0.05) × (boundary edge strength + 0.2). Sorting by the key draws the top-k as a weighted random sample without
-    replacement: deterministic objectness scores alone filled the top-k with near-identical
-    small regions (recall@0.5 at 1000: 0.23 by stability, 0.24 by edge strength, 0.41 uniform
-    random, 0.49 with these keys; 20 images, before near-duplicate removal). Weighting w by the
+    The weight w = size prior × (stability + 0.05) × (boundary edge strength + 0.2). Sorting by
+    the key draws the top-k as a weighted random sample without replacement: deterministic
+    objectness scores alone filled the top-k with near-identical small regions (recall@0.5 at
+    1000: 0.23 by stability, 0.24 by edge strength, 0.41 uniform random, 0.49 with these keys;
+    20 images, before near-duplicate removal). Weighting w by the
     prior's contrast (inside minus around) did not help there (0.47–0.50 → 0.34–0.47 with a
     U²-Net-p prior): coco-dev instances are often small, non-salient members of a group.
     Also tried on 37 images (1 per category), none better than these keys (0.395 at 1000 here):
@@ -653,7 +656,8 @@ def _empty(height: int, width: int) -> ProposalSet:
     return ProposalSet(np.zeros((0, height, width), bool), np.zeros(0, np.float32), [])
 
 
-ProposalMethod = Callable[..., ProposalSet]
+# A source maps (image uint8[H,W,3], prior float32[H,W] or None, config) to its proposals.
+ProposalMethod = Callable[[np.ndarray, np.ndarray | None, CosegConfig], ProposalSet]
 METHODS: dict[str, ProposalMethod] = {"hierarchical": _hierarchical_method}
 
 
@@ -666,40 +670,32 @@ def get_method(name: str) -> ProposalMethod:
                           ) from None
 
 
-def generate_proposals(image: np.ndarray, *, method: str = "hierarchical",
-                       max_proposals: int = 1000, min_area_frac: float = 2e-5,
-                       max_area_frac: float = 0.85, work_max_side: int = 640,
-                       prior: np.ndarray | None = None, seed: int = 0) -> ProposalSet:
+def generate_proposals(image: np.ndarray, cfg: CosegConfig, *,
+                       prior: np.ndarray | None = None) -> ProposalSet:
     """Candidate object masks of one image, best first.
 
     Args:
         image: uint8[H,W,3] RGB (uint8[H,W] grayscale is accepted).
-        method: a key of METHODS.
-        max_proposals: keep at most this many, highest scores first (fewer on huge images: the
-            returned masks are bounded to 1 GiB, e.g. ≤ 89 proposals for a 12-megapixel photo).
-        min_area_frac, max_area_frac: keep proposals with area/image in this closed range.
-        work_max_side: grouping runs with the longer side capped here; masks are mapped back.
+        cfg: the run's config; only CONFIG_FIELDS are read:
+            `proposal_method`, a key of METHODS;
+            `max_proposals`, kept highest scores first (fewer on huge images: the returned masks
+            are bounded to 1 GiB, e.g. ≤ 89 proposals for a 12-megapixel photo);
+            `min_area_frac`, `max_area_frac`, the closed range of area/image kept;
+            `work_max_side`, the longer side grouping runs at (masks are mapped back);
+            `seed`, which seeds the uniform draws u of the weighted-sampling score keys u^(1/w)
+            and so decides which candidates make the top k (same input and seed → same output).
         prior: optional float32[H,W] saliency map in [0,1]; adds thresholded-prior candidates
             (each level whole and per connected component, snapped to image atoms).
-        seed: seeds the tie-breaking jitter (same input and seed → same output).
 
     Returns:
         ProposalSet with masks bool[N,H,W] at the image's resolution, scores float32[N]
         descending, one source tag per proposal ("hier", "group", "saliency"); N may be 0.
     """
-    fn = get_method(method)
-    if max_proposals < 1:
-        raise ConfigError(f"max_proposals must be >= 1, got {max_proposals}")
-    if not 0.0 <= min_area_frac < max_area_frac <= 1.0:
-        raise ConfigError(f"need 0 <= min_area_frac < max_area_frac <= 1, got {min_area_frac}, "
-                          f"{max_area_frac}")
-    if work_max_side < 1:
-        raise ConfigError(f"work_max_side must be >= 1, got {work_max_side}")
+    fn = get_method(cfg.proposal_method)
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or 0 in image.shape[:2]:
         raise ConfigError(f"image must be a non-empty uint8[H,W,3], got {image.dtype}{image.shape}")
-    return fn(image, max_proposals=max_proposals, min_area_frac=min_area_frac,
-              max_area_frac=max_area_frac, work_max_side=work_max_side, prior=prior, seed=seed)
+    return fn(image, prior, cfg)
 
 
 def proposals_to_coco(records: Sequence[Any], sets: Sequence[ProposalSet]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Stage 2b: score proposals against instance maps (paper eq. 7), pick one per peak, NMS, and the
-folder-wide noise filter — all at the image's original resolution.
+folder-wide noise filter — all at working resolution (the image with its longer side capped at
+`work_max_side`, as the proposals are); the pipeline maps the kept masks back to the image's size.
 
 Matches the authors' RunInstMaskGen.m / NMS.m: R(P) = β·⟨O⊙S, P⟩ + ⟨O⊙S, contour(P)⟩ −
 γ·⟨1−S, P⟩, argmax per peak, greedy NMS keeping IoU < thresh, then a percentile noise filter.
@@ -7,16 +8,19 @@ Matches the authors' RunInstMaskGen.m / NMS.m: R(P) = β·⟨O⊙S, P⟩ + ⟨O�
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from .coco import mask_iou
 
 # Masks are scanned for row runs this many pixels at a time: bounds the temporary memory to
 # about _BLOCK_ELEMS bytes (≈32 MB)
 _BLOCK_ELEMS = 1 << 25
 
 
-def contour_band(masks: np.ndarray, px: int = 5) -> np.ndarray:
+def contour_band(masks: np.ndarray, px: int) -> np.ndarray:
     """Boundary band of each mask: dilate(P, px×px) XOR erode(P, px×px).
 
     Outside the image counts as background for the dilation and foreground for the erosion
@@ -25,7 +29,8 @@ def contour_band(masks: np.ndarray, px: int = 5) -> np.ndarray:
 
     Args:
         masks: bool[N,H,W].
-        px: side of the square structuring element (≥ 1; 1 gives an empty band).
+        px: side of the square structuring element (≥ 1; 1 gives an empty band), the config's
+            `contour_px` in the pipeline.
 
     Returns:
         bool[N,H,W].
@@ -105,7 +110,7 @@ def _sums_over_masks(cum: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def score_proposals_batch(instance_maps: np.ndarray, cosal: np.ndarray, masks: np.ndarray, *,
-                          beta: float = 0.8, gamma: float = 1e-5, contour_px: int = 5,
+                          beta: float, gamma: float, contour_px: int,
                           bands: np.ndarray | None = None) -> np.ndarray:
     """Eq. 7 for every (peak, proposal) pair.
 
@@ -115,11 +120,11 @@ def score_proposals_batch(instance_maps: np.ndarray, cosal: np.ndarray, masks: n
     of the masks and bands plus O(runs × K), so adding peaks is nearly free.
 
     Args:
-        instance_maps: float32[K,H,W] O per peak, already at the image's resolution.
+        instance_maps: float32[K,H,W] O per peak, already at the masks' resolution.
         cosal: float32[H,W] co-saliency S in [0,1] at the same resolution.
         masks: bool[N,H,W] proposals.
-        beta, gamma: the paper's β (0.8) and γ (1e-5).
-        contour_px: side of the contour band's structuring element (5 in the paper).
+        beta, gamma: β and γ of eq. 7 (the config's `rank_beta`, `rank_gamma`).
+        contour_px: side of the contour band's structuring element (`contour_px`).
         bands: bool[N,H,W] precomputed `contour_band(masks, contour_px)`, to reuse across calls.
 
     Returns:
@@ -147,40 +152,8 @@ def score_proposals_batch(instance_maps: np.ndarray, cosal: np.ndarray, masks: n
     return scores.T.astype(np.float32)
 
 
-def score_proposals(instance_map: np.ndarray, cosal: np.ndarray, masks: np.ndarray, *,
-                    beta: float = 0.8, gamma: float = 1e-5, contour_px: int = 5,
-                    bands: np.ndarray | None = None) -> np.ndarray:
-    """Eq. 7 for one peak: `score_proposals_batch` with K = 1.
-
-    Args:
-        instance_map: float32[H,W] O. cosal: float32[H,W] S in [0,1]. masks: bool[N,H,W].
-
-    Returns:
-        float32[N].
-    """
-    return score_proposals_batch(np.asarray(instance_map)[None], cosal, masks, beta=beta,
-                                 gamma=gamma, contour_px=contour_px, bands=bands)[0]
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact mask IoU via COCO RLE (memory ∝ boundary, not area); 0 where both are empty.
-
-    Args:
-        a: bool[N,H,W]. b: bool[M,H,W].
-
-    Returns:
-        float64[N,M].
-    """
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), np.float64)
-    rle_a = mask_utils.encode(np.asfortranarray(np.asarray(a, np.uint8).transpose(1, 2, 0)))
-    rle_b = mask_utils.encode(np.asfortranarray(np.asarray(b, np.uint8).transpose(1, 2, 0)))
-    iou = mask_utils.iou(rle_a, rle_b, [0] * len(rle_b))
-    return np.asarray(iou, np.float64).reshape(len(a), len(b))
-
-
 def select_instances(scores: np.ndarray, masks: np.ndarray, *,
-                     nms_iou_thresh: float = 0.4) -> list[tuple[int, int, float]]:
+                     nms_iou_thresh: float) -> list[tuple[int, int, float]]:
     """Each peak takes its best proposal; then greedy mask-IoU NMS by score.
 
     A candidate is kept only if its IoU with every kept one is < `nms_iou_thresh` (authors'
@@ -190,7 +163,8 @@ def select_instances(scores: np.ndarray, masks: np.ndarray, *,
     Args:
         scores: float32[K,N] from `score_proposals_batch`.
         masks: bool[N,H,W] the proposals scored.
-        nms_iou_thresh: IoU at or above which the lower-scored candidate is dropped.
+        nms_iou_thresh: IoU at or above which the lower-scored candidate is dropped (the
+            config's `nms_iou_thresh`).
 
     Returns:
         [(peak_index, proposal_index, score)] kept, by score descending (index = rank − 1).
@@ -245,24 +219,40 @@ def greedy_nms(scores: np.ndarray, masks: np.ndarray, *, iou_thresh: float,
     return order[kept].astype(np.int64)
 
 
-def noise_filter(scores_per_image: list[np.ndarray], percentile: float = 20.0) -> list[np.ndarray]:
+def noise_threshold(scores_per_image: Sequence[np.ndarray], percentile: float) -> float | None:
+    """The noise filter's level: the folder's `percentile` of all its instance scores, with
+    MATLAB's `prctile` definition (numpy method "hazen"), as the authors' NoiseFilter.
+
+    Args:
+        scores_per_image: per image, float[k_i] scores of its instances (k_i may be 0).
+        percentile: in [0, 100].
+
+    Returns:
+        The level, or None when the folder has no instance.
+    """
+    flat = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores_per_image]
+    if sum(a.size for a in flat) == 0:
+        return None
+    return float(np.percentile(np.concatenate(flat), percentile, method="hazen"))
+
+
+def noise_filter(scores_per_image: list[np.ndarray], percentile: float) -> list[np.ndarray]:
     """Folder-wide filter: drop instances scoring below the folder's `percentile`.
 
-    The threshold is taken over all instance scores of the folder with MATLAB's `prctile`
-    definition (numpy method "hazen"), as the authors' NoiseFilter; scores ≥ it survive. An image
-    whose instances would all be dropped keeps its best one.
+    Scores ≥ `noise_threshold` survive. An image whose instances would all be dropped keeps its
+    best one.
 
     Args:
         scores_per_image: per image, float32[k_i] scores of its instances (k_i may be 0).
-        percentile: in [0, 100).
+        percentile: in [0, 100), the config's `noise_percentile`.
 
     Returns:
         per image, bool[k_i] keep flags.
     """
     arrays = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores_per_image]
-    if not arrays or sum(a.size for a in arrays) == 0:
+    thresh = noise_threshold(arrays, percentile)
+    if thresh is None:
         return [np.zeros(a.size, bool) for a in arrays]
-    thresh = np.percentile(np.concatenate(arrays), percentile, method="hazen")
     keeps = []
     for a in arrays:
         keep = a >= thresh

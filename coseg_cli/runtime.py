@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, InputError, OutputError
 
 
 def coseg_home() -> Path:
@@ -178,6 +178,30 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
+def read_json(path: Path, what: str) -> Any:
+    """Parse one JSON file; every failure is one InputError naming `what` and the path.
+
+    Args:
+        path: the file. what: what the file is, for the message ("ground truth", "manifest").
+
+    Raises:
+        InputError: missing, not a file, unreadable, not UTF-8 or not valid JSON.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise InputError(f"{what} is not a file: {path}")
+    try:
+        with path.open("rb") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} {path} is not valid JSON (line {exc.lineno}, column "
+                         f"{exc.colno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:  # too deeply nested
+        raise InputError(f"cannot read {what} {path}: {exc}") from None
+
+
 def environment_record(device: Any = None) -> dict[str, Any]:
     """Versions and machine facts for manifest.json."""
     import cv2
@@ -227,6 +251,5 @@ class StageCache:
         path = self.path(stage, key)
         if path is None:
             return
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)

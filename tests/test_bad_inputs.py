@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import manifest_text
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
@@ -315,7 +316,7 @@ def test_merge_refuses_a_clash(tmp_path):
             {"images": [{"id": i + 1, "file_name": f"{i}.jpg", "height": 2, "width": 2}
                         for i in range(images)], "annotations": [],
              "categories": [{"id": 1, "name": "cat"}]}))
-        (root / "manifest.json").write_text("{}")
+        (root / "manifest.json").write_text(manifest_text([f"{i}.jpg" for i in range(images)]))
 
     result(tmp_path / "s1" / "cat", 2)
     result(tmp_path / "s2" / "cat", 3)
@@ -560,7 +561,8 @@ def big_run_output(tmp_path_factory) -> Path:
              "score": 0.5, "iscrowd": 0} for j in range(n_images * per_image)]
     (out / "instances.json").write_text(json.dumps(
         {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text(manifest_text([im["file_name"] for im in images],
+                                                     instances_per_image=[per_image] * n_images))
     return out
 
 
@@ -684,6 +686,23 @@ def test_second_run_into_the_same_out_is_refused(weights_ready, tmp_path):
     assert first.returncode == 143, stderr
     assert not (out / ".coseg.lock").exists()
     _assert_nothing_left(out)
+
+
+def test_merge_into_an_out_in_use_is_refused(fast_pipeline, tmp_path):
+    """`coseg merge` holds OUT's lock too: while a live process holds it, the merge exits 1 with
+    one line naming that process, writes nothing, and leaves the lock alone."""
+    src = tmp_path / "run"
+    assert _run(_good(tmp_path / "in"), "--out", src).exit_code == 0
+    merged = tmp_path / "merged"
+    lock_file = _write_lock(merged, os.getppid(), socket.gethostname())  # alive, not us
+    r = runner.invoke(app, ["merge", str(src), "--out", str(merged)])
+    _assert_one_error(r, 1, f"{merged} is in use by another coseg run (pid {os.getppid()}")
+    assert sorted(p.name for p in merged.iterdir()) == [".coseg.lock"]
+    assert lock_file.exists()
+    lock_file.unlink()
+    r = runner.invoke(app, ["merge", str(src), "--out", str(merged)])
+    assert r.exit_code == 0, r.output
+    assert (merged / "index.json").is_file() and not lock_file.exists()
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(fast_pipeline, tmp_path):
@@ -838,6 +857,32 @@ def test_unwritable_cache_then_rerun(weights_ready, tmp_path):
     assert (out / "manifest.json").is_file() and (out / "cache").is_dir()
 
 
+def test_disk_full_writing_the_finetuned_weights_then_rerun(weights_ready, tmp_path,
+                                                           monkeypatch):
+    """ENOSPC while the fine-tuned weights go into OUT/cache/model (torch.save alone reports it as
+    a RuntimeError with a C++ trace): one line naming the file, no temp file, and a re-run
+    completes."""
+    folder = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    real_write = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name.endswith(".part.pt"):
+            real_write(self, data[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, data)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "write_bytes", write_bytes)
+        r = _run(folder, "--out", out)
+    _assert_one_error(r, 1, f"cannot write {out / 'cache' / 'model'}", "No space left on device")
+    assert not list((out / "cache" / "model").glob("*"))  # neither the entry nor its temp file
+    assert not (out / "manifest.json").exists() and not (out / ".coseg.lock").exists()
+    r = _run(folder, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert len(list((out / "cache" / "model").glob("*.pt"))) == 1
+
+
 def test_disk_full_in_merge_and_saliency(tmp_path, monkeypatch):
     """The other writers use the same atomic write: ENOSPC is one line there too."""
     folder = _good(tmp_path / "in")
@@ -851,8 +896,9 @@ def test_disk_full_in_merge_and_saliency(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
     src = tmp_path / "run"
     src.mkdir()
-    (src / "instances.json").write_text(json.dumps(_pred_with([[10, 10, 50, 10, 10, 50]])))
-    (src / "manifest.json").write_text("{}")
+    pred = _pred_with([[10, 10, 50, 10, 10, 50]])
+    (src / "instances.json").write_text(json.dumps(pred))
+    (src / "manifest.json").write_text(manifest_text([pred["images"][0]["file_name"]]))
     merged = tmp_path / "merged"
     _assert_one_error(runner.invoke(app, ["merge", str(src), "--out", str(merged)]), 1,
                       f"cannot write {merged / 'index.json'}: No space left on device")
@@ -869,19 +915,35 @@ def test_disk_full_in_merge_and_saliency(tmp_path, monkeypatch):
     assert not [p for p in out.rglob("*") if ".part" in p.name]
 
 
-def test_report_of_a_manifest_with_odd_fields(tmp_path):
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("config", "x", "config must be a JSON object, got 'x'"),
+    ("config", {"noise_percentile": "x"},
+     "config: noise_percentile must be a finite number >= 0, got 'x'"),
+    ("config", {"noise_percentile": 150}, "config: noise_percentile must be in [0, 100)"),
+    ("counts", [1], "counts must be a JSON object, got [1]"),
+    ("environment", 5, "environment must be an object of strings"),
+    ("timings_s", [1], "timings_s must be an object of seconds"),
+    ("train", 3, "train must be a JSON object, got 3"),
+    ("weights", "x", "weights must be a JSON object, got 'x'"),
+    ("skipped_files", 5, "skipped_files must be a list of strings, got 5"),
+    ("prior_trained", [], "prior_trained must be true or false, got []"),
+    ("started_at", "soon", "started_at must be an ISO 8601 time with a timezone, got 'soon'"),
+    ("seed", 7, "seed 7 disagrees with config.seed 0"),
+    ("extra", 1, "unknown key(s) ['extra']"),
+])
+def test_report_of_a_manifest_with_odd_fields(key, value, needle, tmp_path):
     """Found by tests/test_fuzz.py: sections of the wrong type made `coseg report` crash with
-    AttributeError/TypeError. Display-only sections of the wrong type now read as absent;
-    a noise_percentile that is not in [0, 100) is one error line."""
+    AttributeError/TypeError. The manifest is read through coseg_cli.manifest: each field of the
+    wrong type or range is one error line naming the file and the key, and no page is written."""
     run_out = tmp_path / "run"
     run_out.mkdir()
-    (run_out / "instances.json").write_text(json.dumps(_pred_with([[10, 10, 50, 10, 10, 50]])))
-    odd = {"config": "x", "counts": [1], "environment": 5, "timings_s": [1], "train": 3,
-           "weights": "x", "skipped_files": 5, "prior_trained": []}
-    (run_out / "manifest.json").write_text(json.dumps(odd))
-    r = runner.invoke(app, ["report", str(run_out)])
-    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
-    assert (run_out / "report.html").is_file()
-    (run_out / "manifest.json").write_text(json.dumps({"config": {"noise_percentile": "x"}}))
+    pred = _pred_with([[10, 10, 50, 10, 10, 50]])
+    (run_out / "instances.json").write_text(json.dumps(pred))
+    good = json.loads(manifest_text([pred["images"][0]["file_name"]], instances_per_image=[1]))
+    (run_out / "manifest.json").write_text(json.dumps(good))
+    assert runner.invoke(app, ["report", str(run_out)]).exit_code == 0
+    (run_out / "report.html").unlink()
+    (run_out / "manifest.json").write_text(json.dumps({**good, key: value}))
     _assert_one_error(runner.invoke(app, ["report", str(run_out)]), 1,
-                      "config.noise_percentile must be a number in [0, 100), got 'x'")
+                      f"{run_out / 'manifest.json'}: ", needle)
+    assert not (run_out / "report.html").exists()

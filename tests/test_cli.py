@@ -108,16 +108,20 @@ def test_run_one_failing_folder_exits_1_others_finish(tmp_path):
 
 
 # A valid value other than the paper preset's, for options with a fixed set of choices.
-# proposal_method is skipped: one method is registered, so there is no other value to pass.
-_OTHER_CHOICE = {"prior": "spectral_residual", "feature_layer": "fc6_new", "freeze_until": "conv3_3", "ranking": "common",
-                 "cosal_stride": 16, "device": "cpu"}
+# proposal_method has one registered method: the test registers a second name for it.
+_OTHER_CHOICE = {"prior": "spectral_residual", "feature_layer": "fc6_new",
+                 "freeze_until": "conv3_3", "ranking": "common", "cosal_stride": 16,
+                 "device": "cpu", "proposal_method": "hierarchical_copy"}
 
 
-def test_every_config_field_is_a_run_option(tmp_path):
+def test_every_config_field_is_a_run_option(tmp_path, monkeypatch):
     """The CLI must expose every knob, and each must reach the config unchanged."""
+    from coseg_cli import proposals
+
+    monkeypatch.setitem(proposals.METHODS, "hierarchical_copy", proposals.METHODS["hierarchical"])
     folder = _folder(tmp_path / "a")
     for field in dataclasses.fields(CosegConfig):
-        if field.name in ("preset", "proposal_method"):
+        if field.name == "preset":  # --preset: test_run_builds_the_exact_config
             continue
         value = getattr(PRESETS["paper"], field.name)
         if field.name in _OTHER_CHOICE:
@@ -134,3 +138,26 @@ def test_every_config_field_is_a_run_option(tmp_path):
                                     f"--{field.name.replace('_', '-')}", str(new)])
         assert r.exit_code == 0, (field.name, r.output)
         assert getattr(m.call_args.args[2], field.name) == new, field.name
+
+
+def test_run_options_outside_the_config_reach_run_folder(tmp_path):
+    """--category, --weights, --skip-bad, --force and --no-cache are not config fields: each
+    must arrive at batch.run_folder, and their defaults must be the documented ones."""
+    folder = _folder(tmp_path / "a")
+    weights = tmp_path / "vgg16.pth"
+    with patch("coseg_cli.batch.run_folder", side_effect=_ok) as m:
+        r = runner.invoke(app, ["run", str(folder), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert {k: m.call_args.kwargs[k] for k in
+            ("category", "weights_path", "skip_bad", "force", "use_cache")} == \
+        {"category": None, "weights_path": None, "skip_bad": False, "force": False,
+         "use_cache": True}
+    with patch("coseg_cli.batch.run_folder", side_effect=_ok) as m:
+        r = runner.invoke(app, ["run", str(folder), "-o", str(tmp_path / "o"), "--category",
+                                "heron", "--weights", str(weights), "--skip-bad", "--force",
+                                "--no-cache"])
+    assert r.exit_code == 0, r.output
+    assert {k: m.call_args.kwargs[k] for k in
+            ("category", "weights_path", "skip_bad", "force", "use_cache")} == \
+        {"category": "heron", "weights_path": weights, "skip_bad": True, "force": True,
+         "use_cache": False}

@@ -12,14 +12,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from coseg_cli.cli import app
-from coseg_cli.coco import decode, encode_masks, to_rle
+from coseg_cli.coco import decode, encode_masks, mask_iou, rle_iou, to_rle
 from coseg_cli.errors import ConfigError, InputError
 from coseg_cli.evaluate import (
     average_precision,
     corloc,
     crowd_overlap,
     evaluate,
-    mask_ious,
     match_image,
     metric_key,
 )
@@ -66,14 +65,16 @@ def test_corloc_is_strict_and_handles_empty():
     assert math.isnan(corloc([]))
 
 
-def test_mask_ious_shapes_and_values():
+def test_rle_iou_shapes_and_values():
     a, b = _box(0, 4, 0, 10), _box(0, 2, 0, 10)
-    ious = mask_ious(_rles(a, b), _rles(a))
+    ious = rle_iou(_rles(a, b), _rles(a))
     np.testing.assert_allclose(ious, [[1.0], [0.5]])
-    assert mask_ious([], _rles(a)).shape == (0, 1)
-    assert mask_ious(_rles(a), []).shape == (1, 0)
+    assert rle_iou([], _rles(a)).shape == (0, 1)
+    assert rle_iou(_rles(a), []).shape == (1, 0)
     one = np.ones((1, 1), bool)
-    np.testing.assert_allclose(mask_ious(_rles(one), _rles(one)), [[1.0]])
+    np.testing.assert_allclose(rle_iou(_rles(one), _rles(one)), [[1.0]])
+    # crowd: intersection over the first mask's area (b is half of a; a covers all of b)
+    np.testing.assert_allclose(rle_iou(_rles(a, b), _rles(b), crowd=True), [[0.5], [1.0]])
 
 
 def test_rle_ious_equal_pixel_counts():
@@ -82,7 +83,9 @@ def test_rle_ious_equal_pixel_counts():
     b = rng.random((4, 17, 23)) < 0.6
     inter = (a[:, None] & b[None]).sum((2, 3))
     union = (a[:, None] | b[None]).sum((2, 3))
-    np.testing.assert_allclose(mask_ious(_rles(*a), _rles(*b)), inter / union, rtol=1e-12)
+    np.testing.assert_allclose(rle_iou(_rles(*a), _rles(*b)), inter / union, rtol=1e-12)
+    # the bool-mask form used by ranking and the benchmarks is the same function
+    assert np.array_equal(mask_iou(a, b), rle_iou(_rles(*a), _rles(*b)))
     ov = crowd_overlap(_rles(*a), _rles(b[0])[0])
     np.testing.assert_allclose(ov, (a & b[0]).sum((1, 2)) / a.sum((1, 2)), rtol=1e-12)
 
@@ -176,7 +179,7 @@ def _write_gt_pngs(folder: Path) -> Path:
 def _pred_items() -> list[tuple[str, np.ndarray, float]]:
     """Deterministic imperfect predictions: hits, shifted boxes, a crowd hit, a miss."""
     (a1, a2), _ = GT_MASKS["a"]
-    (b1, b2, b3), crowd_b = GT_MASKS["b"]
+    (b1, _b2, b3), _crowd_b = GT_MASKS["b"]
     (c1,), _ = GT_MASKS["c"]
     return [
         ("a", np.roll(a1, 2, axis=1), 0.9),  # IoU 48/80 = .6
@@ -224,8 +227,8 @@ def test_hand_computed_dataset(tmp_path):
         "c1": 160 / 240,  # 10x20 box shifted 4 px: 10·16 / (200+200−160)
         "b3": 50 / 110,  # 8x10 box rolled 3 px down (wraps to the top): 5·10 / (80+80−50)
     }
-    (b1, b2, b3), _ = GT_MASKS["b"]
-    assert mask_ious(_rles(np.roll(b3, 3, axis=0)), _rles(b3))[0, 0] == pytest.approx(ious["b3"])
+    (_b1, _b2, b3), _ = GT_MASKS["b"]
+    assert rle_iou(_rles(np.roll(b3, 3, axis=0)), _rles(b3))[0, 0] == pytest.approx(ious["b3"])
     r = evaluate(gt, pred).to_json()
     cat = r["per_category"]["blob"]
     assert (cat["n_images"], cat["n_gt"], cat["n_pred"]) == (3, 6, 8)

@@ -21,6 +21,7 @@ from unittest.mock import patch
 
 import numpy as np
 import pytest
+from conftest import manifest_text
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -131,15 +132,12 @@ PRED_TEMPLATE: dict[str, Any] = {
          "segmentation": encode_masks(_square(4, 5))[0]}],
     "categories": [{"id": 1, "name": "thing"}],
 }
-MANIFEST_TEMPLATE: dict[str, Any] = {
-    "config": preset_config().to_dict(), "category": "thing", "input_folder": "/data/things",
-    "prior": "fusion", "prior_trained": False, "seed": 0,
-    "environment": {"coseg": "0.1.0", "device": "cpu"},
-    "timings_s": {"prior": 0.5, "train": 3.2, "total": 4.0},
-    "counts": {"images": 2, "instances": 2, "instances_per_image": [1, 1],
-               "cosaliency_mean": [0.5, 0.4]},
-    "train": {"history": [{"total": 1.0}, {"total": 0.5}]},
-    "started_at": "2026-01-02T03:04:05+00:00", "skipped_files": [],
+MANIFEST_TEMPLATE: dict[str, Any] = {  # a valid manifest of the two predicted images
+    **json.loads(manifest_text([im["file_name"] for im in PRED_TEMPLATE["images"]],
+                               category="thing", instances_per_image=[1, 1],
+                               cosaliency_mean=[0.5, 0.4])),
+    "train": {"history": [{"total": 1.0}, {"total": 0.5}], "steps": 2, "seconds": 1.5,
+              "device": "cpu", "cached": False, "cache_path": None},
 }
 
 

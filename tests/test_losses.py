@@ -10,6 +10,11 @@ import pytest
 import torch
 
 from coseg_cli import losses as L
+from coseg_cli.config import CosegConfig
+
+# the paper's loss weights, as the config holds them
+WEIGHTS = {"lambda_copeak": CosegConfig.lambda_copeak,
+           "lambda_affinity": CosegConfig.lambda_affinity, "alpha": CosegConfig.affinity_alpha}
 
 
 def _brute_local_max(t: np.ndarray) -> np.ndarray:
@@ -102,7 +107,7 @@ def test_constant_and_zero_inputs_give_finite_losses_and_grads(fill):
     feats = torch.full((4, 8, 3, 3), fill, requires_grad=True)
     logits = torch.zeros(4, 1, 3, 3, requires_grad=True)
     priors = torch.full((4, 1, 96, 96), fill)
-    total, parts = L.total_loss(feats, logits, priors)
+    total, parts = L.total_loss(feats, logits, priors, **WEIGHTS)
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in parts.values())
     total.backward()
     assert torch.isfinite(feats.grad).all() and torch.isfinite(logits.grad).all()
@@ -114,15 +119,44 @@ def test_total_loss_weights_and_odd_batch_rejected():
     torch.manual_seed(2)
     feats, logits = torch.rand(4, 6, 3, 3), torch.randn(4, 1, 3, 3)
     priors = torch.rand(4, 1, 96, 96)
-    total, p = L.total_loss(feats, logits, priors, lambda_copeak=0.5, lambda_affinity=0.1)
-    assert math.isclose(float(total), float(p["saliency"] + 0.5 * p["copeak"] + 0.1 * p["affinity"]),
-                        rel_tol=1e-6)
+    total, p = L.total_loss(feats, logits, priors, lambda_copeak=0.3, lambda_affinity=0.7,
+                            alpha=2.0)
+    want = p["saliency"] + 0.3 * p["copeak"] + 0.7 * p["affinity"]
+    assert math.isclose(float(total), float(want), rel_tol=1e-6)
+    affinity = L.affinity_loss(L.normalize_features(feats), torch.sigmoid(logits), 2.0)
+    assert math.isclose(float(p["affinity"]), float(affinity), rel_tol=1e-6)
     with pytest.raises(ValueError):
-        L.total_loss(feats[:3], logits[:3], priors[:3])
+        L.total_loss(feats[:3], logits[:3], priors[:3], **WEIGHTS)
 
 
-def test_full_size_correlation_is_fast_and_vectorised():
+def test_full_size_correlation_and_copeaks_equal_a_per_pair_reference():
+    """Paper size (512 ch, 14×14 at 448 px), 3 pairs: the batched einsum and 4-D pooling give
+    what each pair gives on its own, computed another way (a matrix product and scipy's
+    3×3×3×3 maximum filter, whose "nearest" border repeats edge values, as clipping does)."""
+    from scipy.ndimage import maximum_filter
+
+    torch.manual_seed(4)
     fn = L.normalize_features(torch.rand(3, 512, 14, 14))
-    s = torch.rand(3, 1, 14, 14)
-    mask = L.copeak_mask(L.saliency_correlation(fn, fn.flip(0), s, s.flip(0)))
-    assert mask.shape == (3, 14, 14, 14, 14) and mask.any()
+    fm = fn.flip(0)
+    # Pairs of different saliency scales have different medians (a shared one would show), and
+    # a dim band (rows 0–4 of image n) holds local maxima below the median (dropped by it).
+    sn = torch.rand(3, 1, 14, 14) * torch.tensor([1.0, 0.2, 0.6]).view(3, 1, 1, 1)
+    sn[:, :, :5] *= 0.05
+    sm = torch.rand(3, 1, 14, 14)
+    ts = L.saliency_correlation(fn, fm, sn, sm)
+    mask = L.copeak_mask(ts)
+    assert ts.shape == (3, 14, 14, 14, 14) and mask.shape == ts.shape
+    for p in range(3):
+        feats_n, feats_m = fn[p].reshape(512, -1), fm[p].reshape(512, -1)  # [C, 196]
+        want = (sn[p].reshape(-1, 1) * sm[p].reshape(1, -1)) * (feats_n.T @ feats_m)
+        np.testing.assert_allclose(ts[p].numpy(), want.reshape(14, 14, 14, 14).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        t = ts[p].numpy()
+        peaks = t >= maximum_filter(t, size=3, mode="nearest")
+        above = t >= np.median(t)
+        np.testing.assert_array_equal(mask[p].numpy(), peaks & above)
+        assert (peaks & above).any() and (peaks & ~above).any()  # the median drops some peaks
+    # the batched loss is the sum of the per-pair losses
+    per_pair = sum(float(L.copeak_loss(fn[p:p + 1], fm[p:p + 1], sn[p:p + 1], sm[p:p + 1]))
+                   for p in range(3))
+    assert math.isclose(float(L.copeak_loss(fn, fm, sn, sm)), per_pair, rel_tol=1e-5)

@@ -10,10 +10,11 @@ from unittest.mock import patch
 
 import numpy as np
 import pytest
+from conftest import manifest_text
 from PIL import Image
 from typer.testing import CliRunner
 
-from coseg_cli.batch import FolderOutcome, parse_shard, select_shard, shard_indices
+from coseg_cli.batch import FolderOutcome, parse_shard, shard_indices
 from coseg_cli.cli import app
 from coseg_cli.errors import ConfigError, InputError
 from coseg_cli.merge import combined_coco, find_results, merge_outputs, result_files
@@ -37,19 +38,24 @@ def test_parse_shard_rejects(value):
         parse_shard(value)
 
 
+def _shard(folders: list[Path], k: int, n: int) -> list[Path]:
+    """The folders `coseg run --shard K/N` keeps (cli.run indexes the list the same way)."""
+    return [folders[i] for i in shard_indices(folders, k, n)]
+
+
 def test_shards_cover_every_folder_once_balanced_and_order_free(tmp_path):
     folders = [tmp_path / f"f{i:02d}" for i in range(11)]
     for n in (1, 2, 3, 4, 11, 15):
-        shards = [select_shard(folders, k, n) for k in range(1, n + 1)]
+        shards = [_shard(folders, k, n) for k in range(1, n + 1)]
         flat = [f for s in shards for f in s]
         assert sorted(flat) == sorted(folders)  # each exactly once
         sizes = [len(s) for s in shards]
         assert max(sizes) - min(sizes) <= 1
         shuffled = list(reversed(folders))
-        assert [set(select_shard(shuffled, k, n)) for k in range(1, n + 1)] == \
+        assert [set(_shard(shuffled, k, n)) for k in range(1, n + 1)] == \
             [set(s) for s in shards]  # the listing order does not change the split
     # hand-checked: sorted f00..f10, i-th → shard i mod 3 + 1
-    assert [f.name for f in select_shard(folders, 2, 3)] == ["f01", "f04", "f07", "f10"]
+    assert [f.name for f in _shard(folders, 2, 3)] == ["f01", "f04", "f07", "f10"]
     assert shard_indices(list(reversed(folders)), 1, 3) == [1, 4, 7, 10]  # f09 f06 f03 f00
 
 
@@ -107,7 +113,8 @@ def _result(folder: Path, category: str, n_images: int, *, tag: str = "") -> Pat
     (folder / "instances.json").write_text(json.dumps(
         {"images": images, "annotations": anns,
          "categories": [{"id": 1, "name": category, "supercategory": category}]}))
-    (folder / "manifest.json").write_text(json.dumps({"category": category, "tag": tag}))
+    (folder / "manifest.json").write_text(manifest_text([im["file_name"] for im in images],
+                                                        category=category))
     (folder / "labels" / "0.png").write_bytes(b"png" + tag.encode())
     (folder / "cache" / "prior" / "x.npz").write_bytes(b"cache")
     (folder / ".instances.json.abc.part.json").write_bytes(b"temp")
@@ -197,6 +204,16 @@ def test_merge_errors(tmp_path):
         merge_outputs([tmp_path / "s"], src)
     r = runner.invoke(app, ["merge", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and r.output.count("error:") == 1 and "Traceback" not in r.output
+    # a manifest that is not what coseg writes: the result is not merged, and nothing guessed
+    bad = _result(tmp_path / "t" / "y", "y", 1)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "seed": "0"}))
+    with pytest.raises(InputError, match=r"manifest.json: seed '0' disagrees with config.seed 0"):
+        merge_outputs([tmp_path / "t"], tmp_path / "o2")
+    (bad / "manifest.json").write_text("[]")
+    with pytest.raises(InputError, match="manifest.json: the manifest must be a JSON object"):
+        merge_outputs([tmp_path / "t"], tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
     assert runner.invoke(app, ["merge", str(src)]).exit_code == 2  # --out is required
 
 

@@ -121,7 +121,7 @@ def _manual_prm_conv(x: np.ndarray, w: np.ndarray, g: np.ndarray, pad: int) -> n
 
 
 def _manual_instance_map(net: TinyNet, x: torch.Tensor, peak: tuple[int, int]) -> np.ndarray:
-    conv1, _, pool, conv2, _ = net.features
+    conv1, _, _pool, conv2, _ = net.features
     conv3 = net.saliency
     with torch.no_grad():
         a0 = x[0].double()
@@ -131,7 +131,7 @@ def _manual_instance_map(net: TinyNet, x: torch.Tensor, peak: tuple[int, int]) -
         p1, idx = p1[0], idx[0]
         z2 = F.conv2d(p1[None], conv2.weight.double(), conv2.bias.double(), padding=1)[0]
         a2 = z2.clamp(min=0)
-    np_ = lambda t: t.detach().numpy()  # noqa: E731
+    np_ = lambda t: t.detach().numpy()
     g = np.zeros((1, *a2.shape[1:]))
     g[0, peak[0], peak[1]] = 1.0
     g = _manual_prm_conv(np_(a2), np_(conv3.weight.double()), g, 0)  # 1×1 head
@@ -203,9 +203,8 @@ def test_peak_backprop_restores_on_error_and_checks_inputs() -> None:
         peak_backprop(net, torch.randn(2, 3, 8, 8), np.array([[0, 0]]))
     with pytest.raises(ValueError):
         peak_backprop(net, x, np.array([[0, 0]]), chunk=0)
-    with pytest.raises(RuntimeError):
-        with prm_backward(net):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), prm_backward(net):
+        raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in net.modules())
     empty = peak_backprop(net, x, np.zeros((0, 2), np.int64))
     assert empty.shape == (0, 8, 8)

@@ -1,9 +1,11 @@
 """End to end on a tiny real folder (bundled examples, small size, 1 epoch, CPU): every output
 exists and parses, eval accepts it, a re-run reuses the caches and gives identical files, and a
-failing folder among good ones gives exit 1 with the good ones written."""
+failing folder among good ones gives exit 1 with the good ones written; --no-cache and --force
+do what they say, a manifest replays its run, and the Python API on arrays matches the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from coseg_cli.cli import app
+from coseg_cli.config import CosegConfig, preset_config
+from coseg_cli.errors import InputError
+from coseg_cli.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "bottle"
@@ -55,8 +60,10 @@ def test_every_output_exists_and_parses(first_run, tiny_folder):
     assert data["categories"][0]["name"] == "bottle"
     coco = COCO(str(out / "instances.json"))
     assert len(coco.getImgIds()) == 3
-    res = coco.loadRes(data["annotations"]) if data["annotations"] else None
-    assert res is None or len(res.getAnnIds()) == len(data["annotations"])
+    assert data["annotations"]  # the tiny run finds instances (20 per image at this size)
+    res = coco.loadRes(data["annotations"])
+    assert len(res.getAnnIds()) == len(data["annotations"])
+    assert set(res.getImgIds()) <= set(coco.getImgIds())
     for ann in data["annotations"]:
         assert {"segmentation", "bbox", "area", "score", "peak"} <= set(ann)
     for img in data["images"]:
@@ -74,6 +81,13 @@ def test_every_output_exists_and_parses(first_run, tiny_folder):
     assert manifest["weights"]["sha256"] and "torch" in manifest["environment"]
     assert manifest["prior_trained"] is False
     assert {"prior", "train", "proposals", "instances"} <= set(manifest["timings_s"])
+    # the file is exactly what the typed record writes, and reads back into it
+    typed = read_manifest(out)
+    assert typed.to_json() == manifest
+    assert typed.config == CosegConfig.from_dict(manifest["config"])
+    assert typed.category == "bottle" and typed.counts.images == 3
+    assert typed.counts.instances == len(data["annotations"])
+    assert typed.weights is not None and typed.train is not None and typed.train.history
 
 
 def test_eval_accepts_the_run(first_run):
@@ -145,3 +159,135 @@ def test_changed_option_into_a_used_out_equals_a_fresh_run(first_run, tiny_folde
     assert r.exit_code == 0, r.output
     assert _snapshot(used) == _snapshot(fresh)
     assert _snapshot(used) != _snapshot(first_run)
+
+
+# --------------------------------------------------------------------------- cache, replay, API
+# Stage 2 at the training size instead of the fast preset's 640 px: a run takes seconds.
+LIGHT = [*TINY, "--infer-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def light_run(weights_ready, tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("light") / "run"
+    r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(out), "--quiet", *LIGHT])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cache_of(run: Path, out: Path) -> dict[str, int]:
+    """A new OUT holding only `run`'s cache (outputs absent, so they must be recomputed);
+    returns the cache files' mtimes (copytree keeps the originals')."""
+    shutil.copytree(run / "cache", out / "cache")
+    mtimes = _mtimes(out / "cache")
+    assert {k.split("/")[0] for k in mtimes} == {"prior", "proposals", "instances", "model"}
+    return mtimes
+
+
+def test_no_cache_neither_reads_nor_writes_the_cache(light_run, tiny_folder, tmp_path):
+    """--no-cache with every stage cached in OUT: nothing is read from the cache (no hits, the
+    network is trained), no cache file is added or rewritten, and the outputs are the cached
+    run's."""
+    out = tmp_path / "run"
+    before = _cache_of(light_run, out)
+    r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(out), "--no-cache", *LIGHT])
+    assert r.exit_code == 0, r.output
+    manifest = _manifest(out)
+    assert manifest["cache_hits"] == {}
+    assert manifest["train"]["cached"] is False and manifest["train"]["steps"] > 0
+    assert _mtimes(out / "cache") == before
+    assert _snapshot(out) == _snapshot(light_run)
+
+
+def test_force_recomputes_every_cached_stage(light_run, tiny_folder, tmp_path):
+    """--force with every stage cached in OUT: nothing is read, each entry is written anew (an
+    entry this config does not produce is dropped), and the outputs are the cached run's."""
+    out = tmp_path / "run"
+    before = _cache_of(light_run, out)
+    stale = out / "cache" / "prior" / "0123456789abcdef.npz"
+    stale.write_bytes(b"an entry of another config")
+    r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(out), "--force", *LIGHT])
+    assert r.exit_code == 0, r.output
+    manifest = _manifest(out)
+    assert manifest["cache_hits"] == {}
+    assert manifest["train"]["cached"] is False and manifest["train"]["steps"] > 0
+    after = _mtimes(out / "cache")
+    assert not stale.exists()
+    assert set(after) == set(before)  # the same keys ...
+    assert all(after[k] != before[k] for k in after)  # ... each one recomputed
+    assert _snapshot(out) == _snapshot(light_run)
+
+
+def test_replaying_a_manifest_gives_the_same_outputs(light_run, tiny_folder, tmp_path):
+    """`coseg run FOLDER --config OUT/manifest.json` and no other option re-creates the run:
+    its config comes from the manifest (it is not the default preset's) and every output is
+    byte-identical."""
+    recorded = _manifest(light_run)["config"]
+    assert CosegConfig.from_dict(recorded) != preset_config()
+    out = tmp_path / "replay"
+    r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(out), "--quiet", "--config",
+                            str(light_run / "manifest.json")])
+    assert r.exit_code == 0, r.output
+    assert _manifest(out)["config"] == recorded
+    assert _snapshot(out) == _snapshot(light_run)
+
+
+def test_python_api_on_arrays_gives_the_cli_results(light_run, tiny_folder, tmp_path,
+                                                   monkeypatch):
+    """README's Python API: `cosegment` on in-memory RGB arrays writes nothing and returns what
+    the CLI computed for the same pixels and config; `export.write_all` writes it."""
+    from coseg_cli import cosegment
+    from coseg_cli.export import write_all
+    from coseg_cli.images import load_folder
+
+    arrays = [rec.image.copy() for rec in load_folder(tiny_folder)[0]]
+    cfg = CosegConfig.from_dict(_manifest(light_run)["config"])
+    monkeypatch.chdir(tmp_path)
+    result = cosegment(arrays, cfg)
+    assert list(tmp_path.iterdir()) == []  # no cache, no output
+    assert [rec.name for rec in result.images] == ["image_000.png", "image_001.png",
+                                                   "image_002.png"]
+    assert all(np.array_equal(rec.image, a) for rec, a in zip(result.images, arrays))
+    assert result.config == dataclasses.asdict(cfg)
+    assert [c.shape for c in result.cosaliency] == [a.shape[:2] for a in arrays]
+    assert all(c.dtype == np.float32 and 0 <= c.min() and c.max() <= 1
+               for c in result.cosaliency)
+    for i, a in enumerate(arrays):
+        mine = [inst for inst in result.instances if inst.image_index == i]
+        assert [inst.rank for inst in mine] == list(range(1, len(mine) + 1))
+        assert all(inst.mask.dtype == bool and inst.mask.shape == a.shape[:2] for inst in mine)
+        assert [inst.score for inst in mine] == sorted((inst.score for inst in mine),
+                                                       reverse=True)
+
+    out = tmp_path / "api"
+    write_all(result, out)
+    api = json.loads((out / "instances.json").read_text())
+    cli = json.loads((light_run / "instances.json").read_text())
+    assert api["annotations"] and api["annotations"] == cli["annotations"]
+    for a, c in zip(api["images"], cli["images"], strict=True):
+        assert (a["id"], a["height"], a["width"]) == (c["id"], c["height"], c["width"])
+        stem_a, stem_c = Path(a["file_name"]).stem, Path(c["file_name"]).stem
+        for sub in ("labels", "cosaliency"):
+            assert (out / sub / f"{stem_a}.png").read_bytes() == \
+                (light_run / sub / f"{stem_c}.png").read_bytes(), (sub, stem_c)
+
+
+def test_python_api_rejects_bad_arrays():
+    """One image, or arrays that are not uint8 RGB, are InputErrors naming the problem."""
+    from coseg_cli import cosegment
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(InputError, match="at least 2 images"):
+        cosegment([img])
+    with pytest.raises(InputError, match="image 1: expected uint8"):
+        cosegment([img, img.astype(np.float32)])
+    with pytest.raises(InputError, match="image 0: expected uint8"):
+        cosegment([img[:, :, 0], img])

