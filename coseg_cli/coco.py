@@ -7,7 +7,7 @@ minutes without returning to Python (deaf to Ctrl-C/SIGTERM) or read out of boun
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,22 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def annotation_image_id(path: Path | str, n: int, ann: Any, known: Container[Any]) -> Any:
+    """The image id of `annotations[n]`, checked: an object with a segmentation, referring to an
+    image listed in the file (`known`).
+
+    Raises:
+        InputError: one line naming the file and the annotation index.
+    """
+    if not isinstance(ann, dict) or "segmentation" not in ann:
+        raise InputError(f"{path}: annotations[{n}] has no 'segmentation'")
+    image_id = ann.get("image_id")
+    if not valid_id(image_id) or image_id not in known:
+        raise InputError(f"{path}: annotations[{n}] refers to unknown image_id "
+                         f"{_short(image_id)}")
+    return image_id
+
+
 def _segmentation_problem(seg: Any, height: int, width: int) -> str | None:
     if isinstance(seg, list):
         return _polygons_problem(seg, height, width)
@@ -283,13 +299,7 @@ def check_dataset_masks(data: dict[str, Any], path: Path) -> None:
                                 f"{path}: image {label}")
         sizes[entry["id"]] = (h, w, label)
     for n, ann in enumerate(data.get("annotations") or []):
-        if not isinstance(ann, dict) or "segmentation" not in ann:
-            raise InputError(f"{path}: annotations[{n}] has no 'segmentation'")
-        image_id = ann.get("image_id")
-        if not valid_id(image_id) or image_id not in sizes:
-            raise InputError(f"{path}: annotations[{n}] refers to unknown image_id "
-                             f"{_short(image_id)}")
-        h, w, label = sizes[image_id]
+        h, w, label = sizes[annotation_image_id(path, n, ann, sizes)]
         problem = _segmentation_problem(ann["segmentation"], h, w)
         if problem is not None:  # the location is formatted only when needed: files are large
             raise InputError(f"{annotation_where(path, n, ann, label)}: {problem}")

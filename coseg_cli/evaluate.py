@@ -34,6 +34,7 @@ from pycocotools import mask as mask_utils
 
 from .coco import (
     Rle,
+    annotation_image_id,
     annotation_where,
     check_dataset_masks,
     check_image_size,
@@ -399,13 +400,7 @@ def load_predictions(path: Path, gt: GTCategory) -> ImagePredictions:
                                      f"but {im.height}x{im.width} in the ground truth")
             pimages[entry["id"]] = (i, label)
         for n, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict) or "segmentation" not in ann:
-                raise InputError(f"{path}: annotations[{n}] has no 'segmentation'")
-            image_id = ann.get("image_id")
-            if not valid_id(image_id) or image_id not in pimages:
-                raise InputError(f"{path}: annotations[{n}] refers to unknown image_id "
-                                 f"{image_id!r}")
-            i, label = pimages[image_id]
+            i, label = pimages[annotation_image_id(path, n, ann, pimages)]
             add(i, label, ann["segmentation"], ann.get("score"),
                 annotation_where(path, n, ann, label))
     elif isinstance(data, list):

@@ -85,8 +85,9 @@ def resolve_device(name: str):  # -> torch.device
 
 
 def set_threads(num_threads: int) -> int:
-    """Use every core this process may run on by default: the CPU affinity set, which a
-    scheduler narrows (Slurm --cpus-per-task, taskset), not the machine's total."""
+    """Set torch's intra-op thread count for the whole process and return it (0 = every core
+    this process may run on: the CPU affinity set, which a scheduler narrows (Slurm
+    --cpus-per-task, taskset), not the machine's total). Library code uses `run_settings`."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -95,17 +96,61 @@ def set_threads(num_threads: int) -> int:
     return n
 
 
+CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch; deterministic algorithms make CPU runs bit-repeatable."""
+    """Seed python, numpy and torch; deterministic algorithms make CPU runs bit-repeatable.
+
+    Process-wide and permanent; library code uses `run_settings`, which undoes it."""
     import torch
 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault(CUBLAS_ENV, ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+@contextmanager
+def run_settings(num_threads: int, seed: int, deterministic: bool = True) -> Iterator[int]:
+    """Threads, seeds and determinism of one library call, undone when the block ends.
+
+    Applies `set_threads(num_threads)` and `seed_everything(seed, deterministic)`; on leaving
+    the block, however it is left (exceptions and Ctrl-C included), puts back torch's thread
+    count, the python, numpy and torch CPU random states, the deterministic-algorithms flags,
+    `cudnn.benchmark` and $CUBLAS_WORKSPACE_CONFIG. The CUDA random states are put back when
+    CUDA was initialised on entry (before that they hold only torch's defaults).
+
+    Yields:
+        The thread count in effect inside the block.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    cublas = os.environ.get(CUBLAS_ENV)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            n = set_threads(num_threads)
+            seed_everything(seed, deterministic)
+            yield n
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if cublas is None:
+            os.environ.pop(CUBLAS_ENV, None)
+        else:
+            os.environ[CUBLAS_ENV] = cublas
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def sha1_bytes(data: bytes) -> str:
