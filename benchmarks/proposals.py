@@ -49,8 +49,7 @@ def best_overlaps(masks: np.ndarray, gt_ids: np.ndarray, ks: tuple[int, ...]) ->
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    d = CosegConfig()
+def _parse_args(argv: list[str] | None, d: CosegConfig) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--categories", default="", help="comma-separated folder names (default all)")
@@ -59,27 +58,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default=d.proposal_method)
     ap.add_argument("--prior", default="none", help="saliency method name, or none")
     ap.add_argument("--work-max-side", type=int, default=d.work_max_side)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    cats = sorted(p.name for p in args.data.iterdir() if (p / "images").is_dir())
-    if args.categories:
-        wanted = args.categories.split(",")
-        missing = sorted(set(wanted) - set(cats))
-        if missing:
-            print(f"unknown categories: {missing}", file=sys.stderr)
-            return 2
-        cats = wanted
-    cfg = dataclasses.replace(d, proposal_method=args.method, max_proposals=args.max_proposals,
-                              work_max_side=args.work_max_side,
-                              prior=d.prior if args.prior == "none" else args.prior)
+
+@dataclasses.dataclass
+class Measured:
+    """Best overlaps float64[G, len(ks)] per category (and per category run, in order); per
+    image, seconds and proposal count."""
+
+    per_cat: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    overlaps: list[np.ndarray] = dataclasses.field(default_factory=list)
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+    counts: list[int] = dataclasses.field(default_factory=list)
+
+
+def measure(args: argparse.Namespace, cats: list[str], cfg: CosegConfig, ks: tuple[int, ...]
+            ) -> Measured:
+    """Generate the proposals of every image of `cats` and score them against its GT."""
     compute_saliency = None
     if args.prior != "none":
         from coseg_cli.saliency import compute_saliency
-
-    ks = tuple(k for k in KS if k <= args.max_proposals) or (args.max_proposals,)
-    overlaps: list[np.ndarray] = []
-    per_cat: dict[str, np.ndarray] = {}
-    wall, cpu, counts = [], [], []
+    m = Measured()
     for cat in cats:
         paths = image_io.list_images(args.data / cat / "images")[: args.limit_per_category]
         cat_ov = []
@@ -91,19 +91,38 @@ def main(argv: list[str] | None = None) -> int:
                 prior = compute_saliency(rec.image, cfg)
             t0, c0 = time.perf_counter(), time.process_time()
             props = generate_proposals(rec.image, cfg, prior=prior)
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-            counts.append(len(props))
+            m.wall.append(time.perf_counter() - t0)
+            m.cpu.append(time.process_time() - c0)
+            m.counts.append(len(props))
             cat_ov.append(best_overlaps(props.masks, gt, ks))
             del props
-        per_cat[cat] = np.concatenate(cat_ov) if cat_ov else np.zeros((0, len(ks)))
-        overlaps.append(per_cat[cat])
-        r = per_cat[cat]
+        r = m.per_cat[cat] = np.concatenate(cat_ov) if cat_ov else np.zeros((0, len(ks)))
+        m.overlaps.append(r)
         print(f"{cat:14s} imgs {len(paths):3d} inst {len(r):4d}  "
               + "  ".join(f"R50@{k} {np.mean(r[:, j] >= 0.5):.3f}" for j, k in enumerate(ks)),
               file=sys.stderr, flush=True)
+    return m
 
-    allov = np.concatenate(overlaps)
+
+def main(argv: list[str] | None = None) -> int:
+    d = CosegConfig()
+    args = _parse_args(argv, d)
+    cats = sorted(p.name for p in args.data.iterdir() if (p / "images").is_dir())
+    if args.categories:
+        wanted = args.categories.split(",")
+        missing = sorted(set(wanted) - set(cats))
+        if missing:
+            print(f"unknown categories: {missing}", file=sys.stderr)
+            return 2
+        cats = wanted
+    cfg = dataclasses.replace(d, proposal_method=args.method, max_proposals=args.max_proposals,
+                              work_max_side=args.work_max_side,
+                              prior=d.prior if args.prior == "none" else args.prior)
+    ks = tuple(k for k in KS if k <= args.max_proposals) or (args.max_proposals,)
+    m = measure(args, cats, cfg, ks)
+    wall, cpu, counts, per_cat = m.wall, m.cpu, m.counts, m.per_cat
+
+    allov = np.concatenate(m.overlaps)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = []
     print(f"\nproposals on {args.data.name}: {len(cats)} categories, {len(wall)} images, "

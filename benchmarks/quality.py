@@ -121,7 +121,7 @@ def _mean(rows: dict[str, dict]) -> dict[str, float]:
     return m
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--categories", default="", help="comma list (default: all with <= 40 images)")
@@ -133,8 +133,38 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/coseg-quality/cache"))
     ap.add_argument("--stage2-only", action="store_true",
                     help="skip categories whose fine-tuned weights are not cached")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def run_category(cat: str, cfg: CosegConfig, args: argparse.Namespace
+                 ) -> tuple[dict, dict, float] | None:
+    """Scores of the method and of the baseline on one category and the seconds it took, or
+    None when --stage2-only and its fine-tuned weights are not cached."""
+    t = time.time()
+    records, _ = images.load_folder(args.data / cat / "images")
+    gt = load_gt_json(args.data / cat / "annotations.json", name=cat)
+    cache = StageCache(args.cache / cat)
+    works = [images.shrink_to(r.image, cfg.work_max_side) for r in records]
+    priors = pipeline.compute_priors(works, [r.sha1 for r in records], cfg, cache)
+    if args.stage2_only and not weights_cached(records, works, priors, cfg, args.cache / cat):
+        print(f"  skipped {cat}: no cached fine-tuned weights for these settings", flush=True)
+        return None
+    preds = baseline_predictions(records, priors, gt)
+    base = _with_sizes(evaluate_category(gt, preds), size_hits(gt, preds))
+    result = pipeline.cosegment(records, cfg, cache_dir=args.cache / cat, category=cat)
+    export.write_all(result, args.out / cat)
+    preds = load_predictions(args.out / cat, gt)  # what `coseg eval` reads
+    method = _with_sizes(evaluate_category(gt, preds), size_hits(gt, preds))
+    seconds = time.time() - t
+    stages = " ".join(f"{k}={v:.0f}" for k, v in result.timings.items() if k != "total")
+    print(f"  ran {cat}: {len(records)} images, {len(result.instances)} instances, "
+          f"{seconds:.1f} s ({stages}; cache hits {result.cache_hits})\n"
+          f"  {_row(cat, method)}   | baseline {_row('', base)[14:]}", flush=True)
+    return method, base, seconds
+
+
+def main() -> None:
+    args = _parse_args()
     overrides = {}
     for item in args.set:
         field, _, raw = item.partition("=")
@@ -150,26 +180,9 @@ def main() -> None:
     base: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     for cat in cats:
-        t = time.time()
-        records, _ = images.load_folder(args.data / cat / "images")
-        gt = load_gt_json(args.data / cat / "annotations.json", name=cat)
-        cache = StageCache(args.cache / cat)
-        works = [images.shrink_to(r.image, cfg.work_max_side) for r in records]
-        priors = pipeline.compute_priors(works, [r.sha1 for r in records], cfg, cache)
-        if args.stage2_only and not weights_cached(records, works, priors, cfg, args.cache / cat):
-            print(f"  skipped {cat}: no cached fine-tuned weights for these settings", flush=True)
-            continue
-        preds = baseline_predictions(records, priors, gt)
-        base[cat] = _with_sizes(evaluate_category(gt, preds), size_hits(gt, preds))
-        result = pipeline.cosegment(records, cfg, cache_dir=args.cache / cat, category=cat)
-        export.write_all(result, args.out / cat)
-        preds = load_predictions(args.out / cat, gt)  # what `coseg eval` reads
-        method[cat] = _with_sizes(evaluate_category(gt, preds), size_hits(gt, preds))
-        seconds[cat] = time.time() - t
-        stages = " ".join(f"{k}={v:.0f}" for k, v in result.timings.items() if k != "total")
-        print(f"  ran {cat}: {len(records)} images, {len(result.instances)} instances, "
-              f"{seconds[cat]:.1f} s ({stages}; cache hits {result.cache_hits})\n"
-              f"  {_row(cat, method[cat])}   | baseline {_row('', base[cat])[14:]}", flush=True)
+        ran = run_category(cat, cfg, args)
+        if ran is not None:
+            method[cat], base[cat], seconds[cat] = ran
     done = list(method)
     if not done:
         raise SystemExit("no category was run")

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import export, images, pipeline, report
 from .config import CosegConfig
 from .errors import ConfigError, CosegError, InputError
+from .records import Progress
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def shard_indices(folders: list[Path], k: int, n: int) -> list[int]:
 
 def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | None = None,
                skip_bad: bool = False, use_cache: bool = True, force: bool = False,
-               weights_path: Path | None = None, progress: pipeline.Progress | None = None
+               weights_path: Path | None = None, progress: Progress | None = None
                ) -> FolderOutcome:
     """Co-segment one folder into `out`. CosegErrors become an "error" outcome; anything else
     is a bug and propagates."""

@@ -7,7 +7,7 @@ import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +23,10 @@ from .config import (
     preset_config,
 )
 from .errors import CosegError, InputError
+
+if TYPE_CHECKING:
+    from .batch import FolderOutcome
+    from .records import Progress
 
 app = typer.Typer(
     name="coseg",
@@ -173,7 +177,12 @@ def run(
     num_threads: Annotated[int | None, _knob("CPU threads (0 = all cores).",
                                                 "num_threads")] = None,
 ) -> None:
-    """Fine-tune VGG-16 on each folder and write instance masks, JSON and overlays."""
+    """Fine-tune VGG-16 on each folder and write instance masks, JSON and overlays.\f
+
+    One piece: its length is the Typer option declarations, one per config knob (`_knob`); the
+    body only builds the config and the folder list and runs each folder. (--help stops at the
+    form feed above.)
+    """
     from . import batch, lock, manifest  # heavy (torch): imported only when a run starts
 
     overrides = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS and v is not None}
@@ -183,17 +192,7 @@ def run(
             cfg = dataclasses.replace(base, **overrides)
         else:
             cfg = preset_config(preset, **overrides)
-        groups = list(folders or [])
-        if recursive is not None:
-            groups += batch.discover_folders(recursive)
-            if not groups:
-                raise InputError(f"no subfolder of {recursive} holds images")
-        if not groups:
-            raise typer.BadParameter("give at least one FOLDER or --recursive ROOT")
-        outs = batch.output_folders(groups, out)
-        if shard is not None:  # outputs keep the full list's paths, so shards can share OUT
-            keep = batch.shard_indices(groups, *batch.parse_shard(shard))
-            groups, outs = [groups[i] for i in keep], [outs[i] for i in keep]
+        groups, outs = _run_folders(folders, recursive, out, shard)
     except CosegError as exc:
         raise fail(exc) from None
     log = err if not quiet else Console(stderr=True, quiet=True)
@@ -208,19 +207,7 @@ def run(
                 outcome = batch.run_folder(folder, target, cfg, category=category,
                                            skip_bad=skip_bad, use_cache=cache, force=force,
                                            weights_path=weights_path, progress=progress)
-            if outcome.status == "ok":
-                log.print(f"[green]ok[/] {escape(str(folder))} → {escape(str(target))}: "
-                          f"{outcome.instances} instances in {outcome.images} images "
-                          f"({outcome.seconds:.1f} s)")
-                for message in outcome.skipped:
-                    log.print(f"[yellow]skipped:[/] {escape(message)}")
-            else:
-                failed += 1
-                err.print(f"[red]error:[/] {escape(f'{folder}: {outcome.error}')}",
-                          soft_wrap=True)
-            if json_lines:
-                print(json.dumps(dataclasses.asdict(outcome)
-                                 | {"skipped": list(outcome.skipped)}), flush=True)
+            failed += not _print_outcome(log, folder, target, outcome, json_lines)
     if failed:
         raise typer.Exit(1)
 
@@ -228,8 +215,48 @@ def run(
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(CosegConfig)} - {"preset"}
 
 
+def _run_folders(folders: list[Path] | None, recursive: Path | None, out: Path,
+                 shard: str | None) -> tuple[list[Path], list[Path]]:
+    """The input folders `run` processes (FOLDERs, then --recursive ROOT's groups; --shard's
+    slice) and the output folder of each."""
+    from . import batch
+
+    groups = list(folders or [])
+    if recursive is not None:
+        groups += batch.discover_folders(recursive)
+        if not groups:
+            raise InputError(f"no subfolder of {recursive} holds images")
+    if not groups:
+        raise typer.BadParameter("give at least one FOLDER or --recursive ROOT")
+    outs = batch.output_folders(groups, out)
+    if shard is not None:  # outputs keep the full list's paths, so shards can share OUT
+        keep = batch.shard_indices(groups, *batch.parse_shard(shard))
+        groups, outs = [groups[i] for i in keep], [outs[i] for i in keep]
+    return groups, outs
+
+
+def _print_outcome(log: Console, folder: Path, target: Path, outcome: FolderOutcome,
+                   json_lines: bool) -> bool:
+    """Print one folder's outcome (ok line and skipped files to `log`, an error to stderr, the
+    --json line to stdout); True when it succeeded."""
+    ok = outcome.status == "ok"
+    if ok:
+        log.print(f"[green]ok[/] {escape(str(folder))} → {escape(str(target))}: "
+                  f"{outcome.instances} instances in {outcome.images} images "
+                  f"({outcome.seconds:.1f} s)")
+        for message in outcome.skipped:
+            log.print(f"[yellow]skipped:[/] {escape(message)}")
+    else:
+        err.print(f"[red]error:[/] {escape(f'{folder}: {outcome.error}')}", soft_wrap=True)
+    if json_lines:
+        print(json.dumps(dataclasses.asdict(outcome) | {"skipped": list(outcome.skipped)}),
+              flush=True)
+    return ok
+
+
 class _progress:
-    """Context manager mapping the library's progress(stage, done, total) to a Rich bar."""
+    """Context manager mapping the library's progress callback (records.Progress: stage, done,
+    total) to a Rich bar; what it yields is that callback."""
 
     def __init__(self, console: Console, disable: bool) -> None:
         from rich.progress import (
@@ -245,7 +272,7 @@ class _progress:
                             disable=disable, transient=False)
         self.tasks: dict[str, int] = {}
 
-    def __enter__(self):
+    def __enter__(self) -> Progress:
         self.bar.__enter__()
         return self
 

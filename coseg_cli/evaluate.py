@@ -354,6 +354,32 @@ def load_gt_pngs(folder: Path, name: str | None = None) -> GTCategory:
     return GTCategory(name, images, folder)
 
 
+def _prediction_images(path: Path, entries: list[Any], gt: GTCategory
+                       ) -> dict[Any, tuple[int | None, str]]:
+    """The `images` of a predictions dataset dict: each id → (index of its GT image, or None
+    when the GT has no such image; a label naming it in messages).
+
+    Raises:
+        InputError: an entry without an integer or string id, or whose size differs from its
+            GT image's.
+    """
+    pimages: dict[Any, tuple[int | None, str]] = {}
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not valid_id(entry.get("id")):
+            raise InputError(f"{path}: images[{n}] needs an integer or string 'id'")
+        fname = entry.get("file_name")
+        i = gt.lookup(str(fname) if fname else None, entry["id"])
+        label = image_label(entry)
+        if i is not None and "height" in entry and "width" in entry:
+            h, w = check_image_size(entry["height"], entry["width"], f"{path}: image {label}")
+            im = gt.images[i]
+            if (h, w) != (im.height, im.width):
+                raise InputError(f"{path}: image {label} is {h}x{w} (HxW) in the predictions "
+                                 f"but {im.height}x{im.width} in the ground truth")
+        pimages[entry["id"]] = (i, label)
+    return pimages
+
+
 def load_predictions(path: Path, gt: GTCategory) -> ImagePredictions:
     """Read predictions and place them on the GT images.
 
@@ -385,20 +411,7 @@ def load_predictions(path: Path, gt: GTCategory) -> ImagePredictions:
         preds.scores[i].append(float(score))
 
     if _is_dataset(data):
-        pimages: dict[Any, tuple[int | None, str]] = {}
-        for n, entry in enumerate(data["images"]):
-            if not isinstance(entry, dict) or not valid_id(entry.get("id")):
-                raise InputError(f"{path}: images[{n}] needs an integer or string 'id'")
-            fname = entry.get("file_name")
-            i = gt.lookup(str(fname) if fname else None, entry["id"])
-            label = image_label(entry)
-            if i is not None and "height" in entry and "width" in entry:
-                h, w = check_image_size(entry["height"], entry["width"], f"{path}: image {label}")
-                im = gt.images[i]
-                if (h, w) != (im.height, im.width):
-                    raise InputError(f"{path}: image {label} is {h}x{w} (HxW) in the predictions "
-                                     f"but {im.height}x{im.width} in the ground truth")
-            pimages[entry["id"]] = (i, label)
+        pimages = _prediction_images(path, data["images"], gt)
         for n, ann in enumerate(data["annotations"]):
             i, label = pimages[annotation_image_id(path, n, ann, pimages)]
             add(i, label, ann["segmentation"], ann.get("score"),
@@ -539,50 +552,65 @@ def evaluate(gt: Path, pred: Path,
     gt, pred = Path(gt), Path(pred)
     kind, gt_path = _resolve_gt(gt)
     warnings: list[str] = []
-    per_category: dict[str, dict[str, float | int | None]] = {}
     if kind == "root":
-        if not pred.is_dir():
-            raise InputError(f"ground truth {gt} is a root of <category>/{GT_JSON_NAME}; --pred "
-                             f"must be a folder holding <category>/{PRED_JSON_NAME}, got {pred}")
-        cats = sorted(p.name for p in gt.iterdir()
-                      if p.is_dir() and (p / GT_JSON_NAME).is_file())
-        found = [c for c in cats if (pred / c).exists()]
-        if not found:
-            raise InputError(f"no <category>/{PRED_JSON_NAME} under {pred} matches a category of "
-                             f"{gt} ({_named(cats)})")
-        missing = [c for c in cats if c not in found]
-        if missing:
-            warnings.append(f"no predictions for {len(missing)} categor"
-                            f"{'y' if len(missing) == 1 else 'ies'}, scored 0: {_named(missing)}")
-        extra = sorted(p.name for p in pred.iterdir()
-                       if p.is_dir() and not p.name.startswith(".") and p.name not in cats
-                       and (p / PRED_JSON_NAME).is_file())
-        if extra:
-            warnings.append(f"predictions for categories not in the ground truth, not scored: "
-                            f"{_named(extra)}")
-        for c in cats:
-            gcat = load_gt_json(gt / c / GT_JSON_NAME, name=c)
-            if c in found:
-                preds = load_predictions(pred / c, gcat)
-            else:
-                preds = ImagePredictions([[] for _ in gcat.images], [[] for _ in gcat.images])
-            per_category[c] = evaluate_category(gcat, preds, ts)
-            warnings += _unknown_warning(c, preds)
+        per_category = _evaluate_root(gt, pred, ts, warnings)
     else:
         gcat = load_gt_json(gt_path) if kind == "json" else load_gt_pngs(gt_path)
         preds = load_predictions(pred, gcat)
-        per_category[gcat.name] = evaluate_category(gcat, preds, ts)
+        per_category = {gcat.name: evaluate_category(gcat, preds, ts)}
         warnings += _unknown_warning(gcat.name, preds)
     for name, res in per_category.items():
         if res["n_gt"] == 0:
             warnings.append(f"{name}: no non-crowd GT instances; AP undefined, left out of the "
                             "mean")
+    return EvalResult(ts, per_category, _category_means(per_category, ts), warnings)
+
+
+def _evaluate_root(gt: Path, pred: Path, ts: tuple[float, ...], warnings: list[str]
+                   ) -> dict[str, dict[str, float | int | None]]:
+    """`evaluate` of a GT root of <category>/annotations.json against a root of per-category
+    predictions: every GT category is scored (0 without predictions); appends to `warnings`."""
+    if not pred.is_dir():
+        raise InputError(f"ground truth {gt} is a root of <category>/{GT_JSON_NAME}; --pred "
+                         f"must be a folder holding <category>/{PRED_JSON_NAME}, got {pred}")
+    cats = sorted(p.name for p in gt.iterdir()
+                  if p.is_dir() and (p / GT_JSON_NAME).is_file())
+    found = [c for c in cats if (pred / c).exists()]
+    if not found:
+        raise InputError(f"no <category>/{PRED_JSON_NAME} under {pred} matches a category of "
+                         f"{gt} ({_named(cats)})")
+    missing = [c for c in cats if c not in found]
+    if missing:
+        warnings.append(f"no predictions for {len(missing)} categor"
+                        f"{'y' if len(missing) == 1 else 'ies'}, scored 0: {_named(missing)}")
+    extra = sorted(p.name for p in pred.iterdir()
+                   if p.is_dir() and not p.name.startswith(".") and p.name not in cats
+                   and (p / PRED_JSON_NAME).is_file())
+    if extra:
+        warnings.append(f"predictions for categories not in the ground truth, not scored: "
+                        f"{_named(extra)}")
+    per_category: dict[str, dict[str, float | int | None]] = {}
+    for c in cats:
+        gcat = load_gt_json(gt / c / GT_JSON_NAME, name=c)
+        if c in found:
+            preds = load_predictions(pred / c, gcat)
+        else:
+            preds = ImagePredictions([[] for _ in gcat.images], [[] for _ in gcat.images])
+        per_category[c] = evaluate_category(gcat, preds, ts)
+        warnings += _unknown_warning(c, preds)
+    return per_category
+
+
+def _category_means(per_category: dict[str, dict[str, float | int | None]],
+                    ts: tuple[float, ...]) -> dict[str, float | None]:
+    """Mean over categories of each metric ("m" + AP key, and CorLoc), None where no category
+    defines it."""
     mean: dict[str, float | None] = {}
     for key in [metric_key(t) for t in ts] + ["CorLoc"]:
         vals = [float(v) for r in per_category.values() if (v := r[key]) is not None]
         mkey = "CorLoc" if key == "CorLoc" else "m" + key
         mean[mkey] = round(float(np.mean(vals)), 4) if vals else None
-    return EvalResult(ts, per_category, mean, warnings)
+    return mean
 
 
 __all__ = [

@@ -232,32 +232,9 @@ def merge_outputs(sources: list[Path], out: Path, *, force: bool = False, link: 
     if _is_result(out):
         raise InputError(f"{out} is itself a single-folder result; merge into another folder")
     report = MergeReport(out)
-    chosen: dict[str, ResultFolder] = {}
     clashes: list[str] = []
-    for source in sources:
-        found, warnings = find_results(source)
-        report.warnings += warnings
-        for res in found:
-            prev = chosen.get(res.name)
-            if prev is not None and not same_result(prev.path, res.path):
-                if not force:
-                    clashes.append(f"{res.name} ({prev.path} vs {res.path})")
-                    continue
-                report.warnings.append(f"{res.name}: {res.path} replaces {prev.path} (--force)")
-            if prev is None or force:
-                chosen[res.name] = res
-    plan: list[tuple[ResultFolder, str]] = []
-    for name, res in chosen.items():
-        dest = out / name
-        if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
-            plan.append((res, "added"))
-        elif dest.resolve() == res.path.resolve() or (_is_result(dest)
-                                                      and same_result(dest, res.path)):
-            report.identical.append(name)
-        elif force:
-            plan.append((res, "replaced"))
-        else:
-            clashes.append(f"{name} (already in {out}, differs from {res.path})")
+    chosen = _choose(sources, force, report, clashes)
+    plan = _plan(chosen, out, force, report, clashes)
     if clashes:
         raise InputError(f"{len(clashes)} clashing result folder(s), use --force to replace: "
                          + "; ".join(clashes))
@@ -274,7 +251,53 @@ def merge_outputs(sources: list[Path], out: Path, *, force: bool = False, link: 
         report.linked_files += linked
         report.copied_files += copied
         (report.added if how == "added" else report.replaced).append(res.name)
-    sources_by_name = previous | {n: str(r.path) for n, r in chosen.items()}
+    _write_index(out, previous | {n: str(r.path) for n, r in chosen.items()}, report)
+    return report
+
+
+def _choose(sources: list[Path], force: bool, report: MergeReport, clashes: list[str]
+            ) -> dict[str, ResultFolder]:
+    """The result each name gets among the sources: the first, or with `force` the last; a
+    differing later one is a clash (appended to `clashes`) or, with `force`, a warning."""
+    chosen: dict[str, ResultFolder] = {}
+    for source in sources:
+        found, warnings = find_results(source)
+        report.warnings += warnings
+        for res in found:
+            prev = chosen.get(res.name)
+            if prev is not None and not same_result(prev.path, res.path):
+                if not force:
+                    clashes.append(f"{res.name} ({prev.path} vs {res.path})")
+                    continue
+                report.warnings.append(f"{res.name}: {res.path} replaces {prev.path} (--force)")
+            if prev is None or force:
+                chosen[res.name] = res
+    return chosen
+
+
+def _plan(chosen: dict[str, ResultFolder], out: Path, force: bool, report: MergeReport,
+          clashes: list[str]) -> list[tuple[ResultFolder, str]]:
+    """What to do with each chosen result against what `out` holds: ("added" | "replaced")
+    per folder to write; identical ones go to `report.identical`, differing ones without
+    `force` to `clashes`."""
+    plan: list[tuple[ResultFolder, str]] = []
+    for name, res in chosen.items():
+        dest = out / name
+        if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+            plan.append((res, "added"))
+        elif dest.resolve() == res.path.resolve() or (_is_result(dest)
+                                                      and same_result(dest, res.path)):
+            report.identical.append(name)
+        elif force:
+            plan.append((res, "replaced"))
+        else:
+            clashes.append(f"{name} (already in {out}, differs from {res.path})")
+    return plan
+
+
+def _write_index(out: Path, sources_by_name: dict[str, str], report: MergeReport) -> None:
+    """Write OUT/index.json over every result folder now in `out` (into `report.index`) and the
+    combined instances.json when they share one category (else remove a stale one)."""
     merged = [read_result(p, p.name) for p in sorted(out.iterdir())
               if p.is_dir() and not p.name.startswith(".") and _is_result(p)]
     report.index = {
@@ -294,7 +317,6 @@ def merge_outputs(sources: list[Path], out: Path, *, force: bool = False, link: 
     except OSError as exc:
         raise InputError(f"cannot write {out / INDEX_NAME}: {exc.strerror or exc}") from None
     report.combined = combined is not None
-    return report
 
 
 def _previous_sources(out: Path) -> dict[str, str]:

@@ -6,7 +6,7 @@ re-run resumes where the last one stopped and a changed option recomputes what i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,18 +24,15 @@ from .config import CosegConfig, preset_config
 from .errors import InputError
 from .images import load_folder, resize_map, shrink_to
 from .manifest import Counts, InputFile, Manifest
-from .records import ImageRecord, Instance, RunResult
+from .records import ImageRecord, Instance, Progress, RunResult
 from .runtime import (
     StageCache,
     config_key,
     environment_record,
     resolve_device,
-    seed_everything,
-    set_threads,
+    run_settings,
     sha1_bytes,
 )
-
-Progress = Callable[[str, int, int], None]
 
 # Bump when a stage's code changes what it computes; its entries and those downstream are then
 # recomputed (every key holds the keys of the stages it consumes).
@@ -117,9 +114,7 @@ def finetuned_model(works: list[np.ndarray], priors: list[np.ndarray], sha1s: li
     net = model_mod.build_model(cfg, state).to(device)
     model_cache = None if cache_dir is None else Path(cache_dir) / "model"
     report = train.load_or_finetune(net, works, priors, sha1s, cfg, device=device,
-                                    cache_dir=model_cache,
-                                    progress=None if progress is None else
-                                    (lambda stage, done, total, *_: progress(stage, done, total)))
+                                    cache_dir=model_cache, progress=progress)
     net.eval()
     return net, report, winfo
 
@@ -143,12 +138,84 @@ def as_records(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str
     return records
 
 
+def compute_candidates(net: model_mod.CoSegNet, img: np.ndarray, masks: np.ndarray, sha: str,
+                       cfg: CosegConfig, device: Any, cache: StageCache, model_key: str,
+                       backprop_chunk: int = peaks_mod.BACKPROP_CHUNK) -> instances_mod.Candidates:
+    """Stage 2 of one image (instances.image_stage2) on its proposals `masks` (bool[N,h,w]),
+    from the cache when the same weights (`model_key`), proposals and fields made it before."""
+    key = instances_key(sha, cfg, model_key)
+    hit = cache.load("instances", key)
+    if hit is not None:
+        return instances_mod.Candidates(**hit)
+    cand = instances_mod.image_stage2(net, img, masks, cfg, device, backprop_chunk)
+    cache.save("instances", key, **asdict(cand))
+    return cand
+
+
+def _stage2(net: model_mod.CoSegNet, works: list[np.ndarray], priors: list[np.ndarray],
+            sha1s: list[str], cfg: CosegConfig, device: Any, cache: StageCache,
+            timings: dict[str, float], progress: Progress | None, backprop_chunk: int
+            ) -> tuple[list[instances_mod.Candidates], list[np.ndarray]]:
+    """Proposals and stage 2 per image: each image's candidates and their masks (bool[K,h,w],
+    at working resolution); adds the two stages' seconds to `timings`."""
+    model_key = train.state_digest(net)  # the fine-tuned weights themselves key stage 2
+    t_prop = t_inst = 0.0
+    per_image: list[instances_mod.Candidates] = []
+    all_masks: list[np.ndarray] = []
+    for i, (img, prior, sha) in enumerate(zip(works, priors, sha1s)):
+        t = time.perf_counter()
+        masks = compute_proposals(img, prior, sha, cfg, cache)
+        t_prop += time.perf_counter() - t
+        t = time.perf_counter()
+        cand = compute_candidates(net, img, masks, sha, cfg, device, cache, model_key,
+                                  backprop_chunk)
+        per_image.append(cand)
+        all_masks.append(masks[cand.prop_idx])
+        t_inst += time.perf_counter() - t
+        _notify(progress, "instances", i + 1, len(works))
+    timings["proposals"] = t_prop
+    timings["instances"] = t_inst
+    return per_image, all_masks
+
+
+def to_image_resolution(records: Sequence[ImageRecord],
+                        per_image: Sequence[instances_mod.Candidates],
+                        all_masks: Sequence[np.ndarray],
+                        selected: Sequence[tuple[np.ndarray, np.ndarray]]
+                        ) -> tuple[list[Instance], list[np.ndarray]]:
+    """The selected candidates as Instances (masks and peaks at each image's resolution, ranked
+    from 1) and each image's co-saliency map resized to it (float32[H,W] in [0,1]).
+
+    Args:
+        selected: per image, (indices into its candidates, their scores), best first
+            (instances.select_folder).
+    """
+    instances: list[Instance] = []
+    cosal_full: list[np.ndarray] = []
+    for i, (rec, cand, masks, (order, scores)) in enumerate(zip(records, per_image, all_masks,
+                                                                selected)):
+        shape = rec.image.shape[:2]
+        sy, sx = shape[0] / cand.cosal.shape[0], shape[1] / cand.cosal.shape[1]
+        for rank, (j, score) in enumerate(zip(order, scores), start=1):
+            px, py = cand.peaks_xy[j]
+            instances.append(Instance(
+                image_index=i, mask=upscale_mask(masks[j], shape), score=float(score),
+                peak_xy=(min(int(px * sx), shape[1] - 1), min(int(py * sy), shape[0] - 1)),
+                rank=rank, embedding=cand.embeddings[j]))
+        full = resize_map(cand.cosal, shape, cv2.INTER_LINEAR)  # clipped in place: 4 B/px
+        cosal_full.append(np.clip(full, 0.0, 1.0, out=None if full is cand.cosal else full))
+    return instances, cosal_full
+
+
 def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
               cfg: CosegConfig | None = None, *, cache_dir: Path | None = None,
               weights_path: Path | None = None, category: str = "object",
               progress: Progress | None = None,
               backprop_chunk: int = peaks_mod.BACKPROP_CHUNK) -> RunResult:
     """Co-segment a group of images of one category; writes nothing (cache aside).
+
+    Torch's thread count, the random seeds and deterministic algorithms are set from `cfg` for
+    the call and put back when it returns or raises (runtime.run_settings).
 
     Args:
         images: a folder, loaded ImageRecords (images.load_folder) or uint8[H,W,3] RGB arrays;
@@ -165,68 +232,34 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
     timings: dict[str, float] = {}
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    set_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
-    cache = StageCache(cache_dir)
-    works = [shrink_to(r.image, cfg.work_max_side) for r in records]
-    sha1s = [r.sha1 for r in records]
+    with run_settings(cfg.num_threads, cfg.seed):
+        cache = StageCache(cache_dir)
+        works = [shrink_to(r.image, cfg.work_max_side) for r in records]
+        sha1s = [r.sha1 for r in records]
 
-    t = time.perf_counter()
-    priors = compute_priors(works, sha1s, cfg, cache, progress)
-    timings["prior"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    net, report, winfo = finetuned_model(works, priors, sha1s, cfg, device, cache_dir,
-                                         weights_path, progress)
-    timings["train"] = time.perf_counter() - t
-
-    model_key = train.state_digest(net)  # the fine-tuned weights themselves key stage 2
-    t_prop = t_inst = 0.0
-    per_image: list[instances_mod.Candidates] = []
-    all_masks: list[np.ndarray] = []
-    for i, (img, prior, sha) in enumerate(zip(works, priors, sha1s)):
         t = time.perf_counter()
-        masks = compute_proposals(img, prior, sha, cfg, cache)
-        t_prop += time.perf_counter() - t
+        priors = compute_priors(works, sha1s, cfg, cache, progress)
+        timings["prior"] = time.perf_counter() - t
+
         t = time.perf_counter()
-        key = instances_key(sha, cfg, model_key)
-        hit = cache.load("instances", key)
-        if hit is None:
-            cand = instances_mod.image_stage2(net, img, masks, cfg, device, backprop_chunk)
-            cache.save("instances", key, **asdict(cand))
-        else:
-            cand = instances_mod.Candidates(**hit)
-        per_image.append(cand)
-        all_masks.append(masks[cand.prop_idx])
-        t_inst += time.perf_counter() - t
-        _notify(progress, "instances", i + 1, len(works))
-    timings["proposals"] = t_prop
-    timings["instances"] = t_inst
+        net, report, winfo = finetuned_model(works, priors, sha1s, cfg, device, cache_dir,
+                                             weights_path, progress)
+        timings["train"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    selected = instances_mod.select_folder(per_image, cfg)
-    instances: list[Instance] = []
-    cosal_full: list[np.ndarray] = []
-    for i, (rec, cand, masks, (order, scores)) in enumerate(zip(records, per_image, all_masks,
-                                                                selected)):
-        shape = rec.image.shape[:2]
-        sy, sx = shape[0] / cand.cosal.shape[0], shape[1] / cand.cosal.shape[1]
-        for rank, (j, score) in enumerate(zip(order, scores), start=1):
-            px, py = cand.peaks_xy[j]
-            instances.append(Instance(
-                image_index=i, mask=upscale_mask(masks[j], shape), score=float(score),
-                peak_xy=(min(int(px * sx), shape[1] - 1), min(int(py * sy), shape[0] - 1)),
-                rank=rank, embedding=cand.embeddings[j]))
-        full = resize_map(cand.cosal, shape, cv2.INTER_LINEAR)  # clipped in place: 4 B/px
-        cosal_full.append(np.clip(full, 0.0, 1.0, out=None if full is cand.cosal else full))
-    timings["select"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - started
+        per_image, all_masks = _stage2(net, works, priors, sha1s, cfg, device, cache, timings,
+                                       progress, backprop_chunk)
 
-    return RunResult(
-        images=records, instances=instances, cosaliency=cosal_full, config=asdict(cfg),
-        environment=environment_record(device), timings=timings, category=category,
-        weights=winfo, train=report, cache_hits=dict(cache.hits),
-        peaks=[c.peaks_xy for c in per_image])
+        t = time.perf_counter()
+        selected = instances_mod.select_folder(per_image, cfg)
+        instances, cosal_full = to_image_resolution(records, per_image, all_masks, selected)
+        timings["select"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - started
+
+        return RunResult(
+            images=records, instances=instances, cosaliency=cosal_full, config=asdict(cfg),
+            environment=environment_record(device), timings=timings, category=category,
+            weights=winfo, train=report, cache_hits=dict(cache.hits),
+            peaks=[c.peaks_xy for c in per_image])
 
 
 def build_manifest(result: RunResult, folder: Path, started_at: float, *,

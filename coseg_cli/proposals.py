@@ -221,7 +221,12 @@ class _Hierarchy:
 def _merge(colour: np.ndarray, texture: np.ndarray, size: np.ndarray, boxes: np.ndarray,
            edges: np.ndarray, weights: tuple[float, float, float, float], image_size: float
            ) -> _Hierarchy:
-    """Greedy selective-search merging; records every region, its stability and cut groupings."""
+    """Greedy selective-search merging; records every region, its stability and cut groupings.
+
+    One piece: the merge loop (the hot path of proposal generation) updates nine per-region
+    tables (colour, texture, size, box, members, formed/absorbed similarity, alive, neighbours),
+    four of which `sim` reads through its closure; split up, every part would pass them all.
+    """
     num = size.shape[0]
     total = 2 * num - 1
     wc, wt, ws, wf = weights

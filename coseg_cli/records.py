@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The one progress callback of every stage and of the CLI: progress(stage, done, total), called
+# after each unit of work (an image, an optimiser step), e.g. ("finetune", 12, 40).
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

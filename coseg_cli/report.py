@@ -301,28 +301,21 @@ footer{color:var(--muted);font-size:12px;text-align:center;padding:24px}
 """
 
 
-def render_report(out_dir: Path) -> str:
-    """The report page of one output folder as an HTML string (reads, never writes).
-
-    Raises:
-        InputError: the folder has no (readable) instances.json or manifest.json.
-    """
+def _stats_html(images: list[ImageSummary], all_scores: np.ndarray, num_flagged: int) -> str:
+    """The header's counts: images, instances, per image, median score, flagged."""
     e = html.escape
-    out_dir = Path(out_dir)
-    manifest, images, th = summarize(out_dir)
-    cfg, env, train = manifest.config, manifest.environment, manifest.train
-    all_scores = np.array([s for im in images for s in im.scores], np.float64)
-    flagged = [im for im in images if im.reasons]
     n_inst = int(all_scores.size)
-    category, folder = manifest.category, manifest.input_folder
-
     stats = [(len(images), "images"), (n_inst, "instances"),
              (f"{n_inst / len(images):.1f}" if images else "–", "per image"),
              (f"{np.median(all_scores):.3g}" if n_inst else "–", "median score")]
     stat_html = "".join(f"<li><b>{e(str(v))}</b><span>{e(k)}</span></li>" for v, k in stats)
-    stat_html += (f'<li class="{"bad" if flagged else ""}"><b>{len(flagged)}</b>'
-                  '<span>flagged</span></li>')
+    return stat_html + (f'<li class="{"bad" if num_flagged else ""}"><b>{num_flagged}</b>'
+                        '<span>flagged</span></li>')
 
+
+def _run_table(manifest: Manifest) -> str:
+    """The "Run" panel's rows: the settings and provenance that explain the results."""
+    cfg, env, train = manifest.config, manifest.environment, manifest.train
     prior_kind = "trained on saliency labels" if manifest.prior_trained else "unsupervised"
     # environment: runtime.environment_record's facts; cuda_device is set on CUDA only
     cfg_rows = [("preset", cfg.preset),
@@ -339,20 +332,25 @@ def render_report(out_dir: Path) -> str:
                 ("VGG-16 weights", None if manifest.weights is None else manifest.weights.source),
                 ("coseg", env.get("coseg")), ("seed", cfg.seed),
                 ("started", manifest.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC"))]
-    kv = "".join(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in cfg_rows
-                 if v is not None)
+    return "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in cfg_rows if v is not None)
+
+
+def _timings_table(manifest: Manifest) -> str:
+    """The "Timings" rows: the stages in pipeline order, any others, then the total."""
     timings = manifest.timings_s
     order = ["prior", "train", "proposals", "instances", "select", "write_files", "write_json"]
     t_rows = [(k, timings[k]) for k in order if k in timings]
     t_rows += [(k, v) for k, v in timings.items() if k not in order and k != "total"]
-    t_html = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{_fmt_seconds(v)}</td></tr>"
-                     for k, v in t_rows)
-    t_html += (f"<tr><td><b>total</b></td><td><b>{_fmt_seconds(manifest.seconds)}</b></td>"
-               "</tr>")
-    skipped_html = "" if not manifest.skipped_files else (
-        '<div class="panel" style="margin-top:16px"><h3>Skipped input files</h3><ul>'
-        + "".join(f"<li>{e(s)}</li>" for s in manifest.skipped_files) + "</ul></div>")
+    t_html = "".join(f"<tr><td>{html.escape(k.replace('_', ' '))}</td>"
+                     f"<td>{_fmt_seconds(v)}</td></tr>" for k, v in t_rows)
+    return t_html + (f"<tr><td><b>total</b></td><td><b>{_fmt_seconds(manifest.seconds)}</b></td>"
+                     "</tr>")
 
+
+def _outliers_html(flagged: list[ImageSummary], th: Thresholds) -> tuple[str, str, str]:
+    """(the histogram's legend for the confidence level, the flagging rule, the flagged list)."""
+    e = html.escape
     legend = ""
     if th.score is not None:
         legend = (f'<p class="legend"><i></i>confidence level {th.score:.3g} '
@@ -369,6 +367,29 @@ def render_report(out_dir: Path) -> str:
             f"below {e(f'{th.cosaliency:.3f}')} (folder median minus 3 robust σ, at least "
             f"{COSAL_MIN_GAP:g}, or {COSAL_RATIO:g}× the median)." if th.cosaliency is not None else
             "Flagged: no instance, or best score below the confidence level.")
+    return legend, rule, outliers
+
+
+def render_report(out_dir: Path) -> str:
+    """The report page of one output folder as an HTML string (reads, never writes).
+
+    Raises:
+        InputError: the folder has no (readable) instances.json or manifest.json.
+    """
+    e = html.escape
+    out_dir = Path(out_dir)
+    manifest, images, th = summarize(out_dir)
+    env = manifest.environment
+    all_scores = np.array([s for im in images for s in im.scores], np.float64)
+    flagged = [im for im in images if im.reasons]
+    category, folder = manifest.category, manifest.input_folder
+    stat_html = _stats_html(images, all_scores, len(flagged))
+    kv = _run_table(manifest)
+    t_html = _timings_table(manifest)
+    skipped_html = "" if not manifest.skipped_files else (
+        '<div class="panel" style="margin-top:16px"><h3>Skipped input files</h3><ul>'
+        + "".join(f"<li>{e(s)}</li>" for s in manifest.skipped_files) + "</ul></div>")
+    legend, rule, outliers = _outliers_html(flagged, th)
     gallery = "".join(_card(im, out_dir) for im in images) or \
         '<p class="legend">No images in this run.</p>'
     title = f"coseg · {category} · {Path(folder).name or folder}"

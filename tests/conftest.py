@@ -38,6 +38,57 @@ def blob_image(size: int = 64, seed: int = 0) -> np.ndarray:
     return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
 
 
+def global_state() -> dict[str, object]:
+    """The process-wide settings a library call must leave as it found them: torch's threads,
+    determinism flags and random state, python's and numpy's random state, $CUBLAS_WORKSPACE_CONFIG
+    and the socket timeout (comparable with ==)."""
+    import random
+    import socket
+
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "socket_timeout": socket.getdefaulttimeout(),
+        "random": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tobytes(), *np_state[2:]),
+        "torch_rng": torch.get_rng_state().numpy().tobytes(),
+    }
+
+
+@pytest.fixture
+def unusual_state(monkeypatch):
+    """Global settings unlike any a run applies (1 thread, cudnn.benchmark on, no CUBLAS
+    variable, a 7.5 s socket timeout, seeded random states), so a leak changes them; the
+    test's own changes are undone afterwards."""
+    import random
+    import socket
+
+    import torch
+
+    saved = (torch.get_num_threads(), torch.backends.cudnn.benchmark, socket.getdefaulttimeout(),
+             torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.set_num_threads(1)
+    torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(False)
+    socket.setdefaulttimeout(7.5)
+    random.seed(12345)
+    np.random.seed(12345)
+    torch.manual_seed(12345)
+    yield
+    torch.set_num_threads(saved[0])
+    torch.backends.cudnn.benchmark = saved[1]
+    socket.setdefaulttimeout(saved[2])
+    torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
+
+
 @pytest.fixture(scope="session")
 def weights_ready() -> None:
     """Skip (with the fix in the reason) where `coseg weights` has not prepared VGG-16."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import blob_image, global_state
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -291,3 +292,42 @@ def test_python_api_rejects_bad_arrays():
         cosegment([img, img.astype(np.float32)])
     with pytest.raises(InputError, match="image 0: expected uint8"):
         cosegment([img[:, :, 0], img])
+
+
+# --------------------------------------------------------------------------- global state
+def _api_config() -> CosegConfig:
+    """The light run's settings with 2 threads (the `unusual_state` fixture sets 1)."""
+    return preset_config(image_size=64, epochs=1, max_proposals=40, work_max_side=96,
+                         device="cpu", seed=0, prior="spectral_residual", infer_size=64,
+                         num_threads=2)
+
+
+def test_cosegment_leaves_global_state_as_it_found_it(weights_ready, unusual_state):
+    """Threads, determinism, random states, $CUBLAS_WORKSPACE_CONFIG and the socket timeout are
+    the caller's again after a call, though the run used its own (2 threads, recorded)."""
+    from coseg_cli import cosegment
+
+    before = global_state()
+    result = cosegment([blob_image(64, seed=i) for i in range(2)], _api_config())
+    assert result.environment["torch_threads"] == 2 != before["threads"]
+    assert global_state() == before
+
+
+def test_cosegment_restores_global_state_when_a_stage_raises(unusual_state, monkeypatch):
+    """A stage that raises inside the call saw the run's settings; the caller gets its own back."""
+    import torch
+
+    from coseg_cli import cosegment, pipeline
+
+    seen = []
+
+    def failing_priors(*args, **kwargs):
+        seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))
+        raise InputError("a stage failed")
+
+    monkeypatch.setattr(pipeline, "compute_priors", failing_priors)
+    before = global_state()
+    with pytest.raises(InputError, match="a stage failed"):
+        cosegment([blob_image(64, seed=i) for i in range(2)], _api_config())
+    assert seen == [(2, True)]
+    assert global_state() == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -69,8 +70,7 @@ def test_progress_and_cache_round_trip(tmp_path):
     first = T.load_or_finetune(net, images, priors, shas, TINY, device="cpu", cache_dir=tmp_path,
                                progress=lambda *a: calls.append(a))
     assert not first.cached and first.steps == 1 and len(list(tmp_path.glob("*.pt"))) == 1
-    stage, done, total, running = calls[-1]
-    assert (stage, done, total) == ("finetune", 1, 1) and set(T.LOSS_TERMS) <= set(running)
+    assert calls == [("finetune", 1, 1)]  # records.Progress: (stage, done, total)
     again = M.build_model(TINY, _random_state())
     second = T.load_or_finetune(again, images, priors, list(reversed(shas)), TINY, device="cpu",
                                 cache_dir=tmp_path)
@@ -81,6 +81,25 @@ def test_progress_and_cache_round_trip(tmp_path):
     assert key != T.train_cache_key(shas, dataclasses.replace(TINY, lr=2e-4), "w")
     assert key != T.train_cache_key(shas, TINY, "other")
     assert key == T.train_cache_key(shas, dataclasses.replace(TINY, device="cuda"), "w")
+
+
+def test_progress_counts_every_step_and_epoch_losses_are_logged(caplog):
+    """records.Progress: one ("finetune", done, total) call per optimiser step; each epoch's mean
+    losses are the report's history and one DEBUG log line."""
+    images, priors = _tiny_folder()
+    cfg = dataclasses.replace(TINY, epochs=2, batch_images=2)
+    calls = []
+    net = M.build_model(cfg, _random_state())
+    with caplog.at_level(logging.DEBUG, logger="coseg_cli.train"):
+        report = T.finetune(net, images, priors, cfg, device="cpu",
+                            progress=lambda *a: calls.append(a))
+    assert calls == [("finetune", step, 4) for step in range(1, 5)]
+    assert report.steps == 4 and len(report.history) == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "coseg_cli.train"]
+    assert len(lines) == 2
+    for epoch, (line, means) in enumerate(zip(lines, report.history), start=1):
+        assert line.startswith(f"epoch {epoch}/2: total={means['total']:.4g} ")
+        assert all(f"{k}=" in line for k in T.LOSS_TERMS)
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:

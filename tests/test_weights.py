@@ -121,6 +121,23 @@ def test_every_conv_of_the_layout_is_checked(conv):
         W.validate_features(feats, "state")
 
 
+def test_failed_download_restores_the_socket_timeout(monkeypatch, tmp_path, unusual_state):
+    """The download runs under its own socket timeout; the caller's is back after a failure."""
+    import socket
+
+    seen = []
+
+    def refuse(*args, **kwargs):
+        seen.append(socket.getdefaulttimeout())
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    assert W._download_torchvision(3.0) is None
+    assert seen == [3.0]
+    assert socket.getdefaulttimeout() == 7.5
+
+
 def test_no_source_is_an_error_with_both_fixes(monkeypatch):
     monkeypatch.setattr(W, "lpips_data_file", lambda: None)
     monkeypatch.setattr(W, "lpips_sdist", lambda allow_download: None)
