@@ -1,11 +1,13 @@
-"""How fast `coseg run` stops on SIGTERM, in each stage of a default run.
+"""How fast `coseg run` stops on SIGTERM, in each stage of a default run on real photos.
 
-Starts `coseg run FOLDER` (default preset, a fresh OUT each time) and sends SIGTERM after each
-delay; prints the stage the run was in (from what its cache held when the signal left), the exit
-code (143 expected) and the seconds from signal to exit. Last line: one JSON object. A timing,
-so a benchmark, not a test (the machines are noisy).
+For each stage, starts `coseg run FOLDER` (default preset, a fresh OUT) through a driver that
+touches a marker file when the stage's own function is entered and then runs it as usual; the
+signal leaves `--after` seconds after the marker appears, so it lands inside that stage's real
+(native) work. Prints per stage the exit code (143 expected) and the seconds from signal to exit.
+Last line: one JSON object. A timing, so a benchmark, not a test (tests/test_interrupt.py checks
+the behaviour); the issue's bound is 2 s.
 
-    python benchmarks/signal_latency.py --folder examples/person --delays 3,10,25,45,70
+    python benchmarks/signal_latency.py --folder examples/person --after 1.0
 """
 
 from __future__ import annotations
@@ -22,51 +24,56 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+STAGES = {"prior": "coseg_cli.saliency:compute_saliency",
+          "proposals": "coseg_cli.proposals:generate_proposals",
+          "fine-tuning": "coseg_cli.train:finetune",
+          "stage 2": "coseg_cli.instances:image_stage2",
+          "export": "coseg_cli.export:write_instance_masks"}
 
-def stage_of(cache: Path) -> str:
-    """The latest stage whose cache entries exist (the run is in the one after it)."""
-    done = [s for s in ("prior", "model", "proposals", "instances")
-            if (cache / s).is_dir() and any((cache / s).iterdir())]
-    following = {"": "prior", "prior": "fine-tuning", "model": "proposals / stage 2",
-                 "proposals": "proposals / stage 2", "instances": "stage 2 / export"}
-    return following[done[-1] if done else ""]
+# Marks the stage function on entry, then runs it as usual (see the script).
+PROBE = REPO / "tests" / "stage_probe.py"
+
+
+def measure(target: str, folder: Path, after: float, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = Path(tmp) / "entered"
+        proc = subprocess.Popen([sys.executable, str(PROBE), target, str(marker), "run",
+                                 str(folder), "--out", str(Path(tmp) / "out"), "-q"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ}, cwd=REPO)
+        while not marker.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(after)
+        if proc.poll() is not None:
+            return {"exit": proc.returncode, "seconds_to_exit": None,
+                    "note": "finished before the signal"}
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+            took = round(time.perf_counter() - sent, 2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            took = None
+        return {"exit": proc.returncode, "seconds_to_exit": took}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", type=Path, default=REPO / "examples" / "person")
-    ap.add_argument("--delays", default="3,10,25,45,70", help="seconds, comma list")
+    ap.add_argument("--after", type=float, default=1.0,
+                    help="seconds between entering the stage and the signal")
     ap.add_argument("--timeout", type=float, default=60.0, help="give up waiting after this")
     args = ap.parse_args()
-    rows = []
-    for delay in (float(d) for d in args.delays.split(",")):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "out"
-            proc = subprocess.Popen([sys.executable, "-m", "coseg_cli", "run", str(args.folder),
-                                     "--out", str(out), "-q"], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, env={**os.environ})
-            time.sleep(delay)
-            if proc.poll() is not None:
-                rows.append({"delay_s": delay, "stage": "finished before the signal",
-                             "exit": proc.returncode, "seconds_to_exit": None})
-                continue
-            stage = stage_of(out / "cache")
-            sent = time.perf_counter()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=args.timeout)
-                took = round(time.perf_counter() - sent, 2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                took = None
-            rows.append({"delay_s": delay, "stage": stage, "exit": proc.returncode,
-                         "seconds_to_exit": took})
-        print(f"{delay:6.1f} s  {rows[-1]['stage']:<28} exit {rows[-1]['exit']:>4}  "
-              f"{rows[-1]['seconds_to_exit']} s", flush=True)
-    stopped = [r["seconds_to_exit"] for r in rows if r["seconds_to_exit"] is not None]
+    rows = {}
+    for stage, target in STAGES.items():
+        rows[stage] = measure(target, args.folder, args.after, args.timeout)
+        print(f"{stage:<12} exit {rows[stage]['exit']:>4}  {rows[stage]['seconds_to_exit']} s",
+              flush=True)
+    stopped = [r["seconds_to_exit"] for r in rows.values() if r["seconds_to_exit"] is not None]
     print(json.dumps({"rows": rows, "max_seconds_to_exit": max(stopped) if stopped else None,
-                      "all_143": all(r["exit"] == 143 for r in rows
+                      "all_143": all(r["exit"] == 143 for r in rows.values()
                                      if r["seconds_to_exit"] is not None)}))
 
 

@@ -2,7 +2,7 @@
 128 + the signal number with one `error:` line and no traceback, leaves no half-written output,
 and the same command run again gives files byte-identical to an uninterrupted run.
 
-Which stage the signal lands in is not left to timing: a small driver (`DRIVER`) wraps one of the
+Which stage the signal lands in is not left to timing: `stage_probe.py --repeat` wraps one of the
 stage's own functions so that, on entering it, the process touches a marker file and then keeps
 doing that stage's real work (calling the real function again) until a signal arrives; the test
 waits for the marker and signals. How fast real native work answers a signal on real photos is
@@ -30,26 +30,7 @@ OPTIONS = ["--image-size", "64", "--epochs", "3", "--max-proposals", "40", "--wo
            "96", "--device", "cpu", "--seed", "0", "--prior", "spectral_residual"]
 HANG_S = 10.0  # signal to exit; far above the real latency, so only a hang fails it
 
-# argv: module attribute marker coseg-arguments...; the wrapped function is looked up through its
-# module at call time by every caller, so replacing the attribute is enough.
-DRIVER = """
-import importlib, sys, time
-from pathlib import Path
-module, attr, marker = sys.argv[1:4]
-mod = importlib.import_module(module)
-real = getattr(mod, attr)
-def in_stage(*args, **kwargs):
-    Path(marker).touch()
-    result = real(*args, **kwargs)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # the stage's real work, again, until a signal stops it
-        result = real(*args, **kwargs)
-    return result
-setattr(mod, attr, in_stage)
-sys.argv = ["coseg", *sys.argv[4:]]
-from coseg_cli.cli import main
-main()
-"""
+PROBE = Path(__file__).with_name("stage_probe.py")
 
 runner = CliRunner()
 
@@ -98,12 +79,12 @@ def _count(folder: Path, pattern: str) -> int:
 
 def _signal_in(target: str, args: list[str], tmp: Path, sig: signal.Signals = signal.SIGTERM
                ) -> tuple[int, str, float]:
-    """Run `coseg ARGS` with `target` ("module:function") wrapped by DRIVER; signal it once the
-    wrapped function has been entered. Returns exit code, stderr and seconds signal → exit."""
-    module, attr = target.split(":")
-    marker = tmp / f"in-{attr}"
+    """Run `coseg ARGS` with `target` ("module:function") marked by stage_probe.py; signal it
+    once the wrapped function has been entered. Returns exit code, stderr and seconds from the
+    signal to exit."""
+    marker = tmp / f"in-{target.split(':')[1]}"
     env = {**os.environ, "COSEG_OFFLINE": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, module, attr, str(marker), *args],
+    proc = subprocess.Popen([sys.executable, str(PROBE), "--repeat", target, str(marker), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=REPO)
     try:
