@@ -1,5 +1,6 @@
-"""Many folders, one call: discover groups, run each (load → cosegment → export) and report a
-status per folder, so one bad folder never stops the others."""
+"""Many folders, one call: discover groups, run each (load → cosegment_into, which streams each
+image's outputs to export.FolderWriter → JSON → manifest) and report a status per folder, so one
+bad folder never stops the others."""
 
 from __future__ import annotations
 
@@ -97,9 +98,13 @@ def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | Non
         if force and cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
         name = category or folder.resolve().name or "object"
-        result = pipeline.cosegment(records, cfg, cache_dir=cache_dir, weights_path=weights_path,
-                                    category=name, progress=progress)
-        result.timings.update({f"write_{k}": v for k, v in export.write_all(result, out).items()})
+        # each image's files are written as soon as they are final (memory stays flat)
+        writer = export.FolderWriter(out, records)
+        result = pipeline.cosegment_into(records, cfg, writer, cache_dir=cache_dir,
+                                         weights_path=weights_path, category=name,
+                                         progress=progress)
+        written = writer.finish(result.config, result.category)
+        result.timings.update({f"write_{k}": v for k, v in written.items()})
         export.write_manifest(out, pipeline.build_manifest(
             result, folder, t0, skipped_files=skipped, seconds=time.time() - t0))
         report.write_report(out)
@@ -111,5 +116,5 @@ def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | Non
                 pass  # not empty: keeps its cache, so a re-run resumes
         return FolderOutcome(str(folder), str(out), 0, 0, round(time.time() - t0, 3), "error",
                              str(exc))
-    return FolderOutcome(str(folder), str(out), len(records), len(result.instances),
+    return FolderOutcome(str(folder), str(out), len(records), sum(result.instances_per_image),
                          round(time.time() - t0, 3), "ok", None, tuple(skipped))

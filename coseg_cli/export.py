@@ -1,5 +1,7 @@
-"""Write a RunResult to disk: COCO JSON, per-instance PNGs, label maps, overlays, co-saliency heat
-maps and the manifest. Every file is written atomically (temp file + rename), and a folder of
+"""Write a run to disk: COCO JSON, per-instance PNGs, label maps, overlays, co-saliency heat
+maps and the manifest. `FolderWriter` takes each image's results as soon as they are final and
+keeps only their compact encodings, so memory does not grow with the folder; `write_all` writes a
+whole RunResult through it. Every file is written atomically (temp file + rename), and a folder of
 per-instance masks is swapped in whole, so an interrupted run never leaves half an output."""
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from PIL import Image
 from . import coco
 from .errors import InputError, OutputError
 from .manifest import MANIFEST_NAME, Manifest
-from .matches import instance_matches
-from .records import Instance, RunResult
+from .matches import matches_document
+from .records import EncodedInstance, ImageRecord, Instance, RunResult
 from .runtime import atomic_path, atomic_write_json, write_error
 
 OUTPUT_DIRS = ("masks", "labels", "overlays", "cosaliency")
@@ -38,31 +40,45 @@ def output_stems(names: Sequence[str]) -> list[str]:
             for n, s in zip(names, stems)]
 
 
+def encode_instance(inst: Instance) -> EncodedInstance:
+    """The instance with its mask as COCO RLE, box and area (what the JSON outputs need)."""
+    return EncodedInstance(
+        image_index=inst.image_index, segmentation=coco.encode_masks(inst.mask[None])[0],
+        bbox_xywh=coco.bbox_xywh(inst.mask), area=int(inst.mask.sum()), score=inst.score,
+        peak_xy=inst.peak_xy, rank=inst.rank, embedding=inst.embedding)
+
+
 def instances_coco(result: RunResult) -> dict[str, Any]:
     """COCO dataset dict of the predictions; loads unchanged in pycocotools COCO()/loadRes()."""
-    images = [{"id": i + 1, "file_name": r.name, "height": r.height, "width": r.width}
-              for i, r in enumerate(result.images)]
+    return coco_document(result.images, [encode_instance(t) for t in result.instances],
+                         result.config, result.category)
+
+
+def coco_document(images: Sequence[ImageRecord], instances: Sequence[EncodedInstance],
+                  config: dict[str, Any], category: str) -> dict[str, Any]:
+    """instances.json: `instances_coco` from encoded instances (ids by image, then rank)."""
+    entries = [{"id": i + 1, "file_name": r.name, "height": r.height, "width": r.width}
+               for i, r in enumerate(images)]
     annotations = []
-    for ann_id, inst in enumerate(sorted(result.instances,
-                                         key=lambda t: (t.image_index, t.rank)), start=1):
-        rle = coco.encode_masks(inst.mask[None])[0]
+    for ann_id, inst in enumerate(sorted(instances, key=lambda t: (t.image_index, t.rank)),
+                                  start=1):
         annotations.append({
             "id": ann_id,
             "image_id": inst.image_index + 1,
             "category_id": 1,
-            "segmentation": rle,
-            "bbox": coco.bbox_xywh(inst.mask),
-            "area": int(inst.mask.sum()),
+            "segmentation": inst.segmentation,
+            "bbox": inst.bbox_xywh,
+            "area": inst.area,
             "iscrowd": 0,
             "score": float(inst.score),
             "peak": [int(inst.peak_xy[0]), int(inst.peak_xy[1])],
             "rank": int(inst.rank),
         })
     return {
-        "info": {"description": "coseg instance co-segmentation", "coseg_config": result.config},
-        "images": images,
+        "info": {"description": "coseg instance co-segmentation", "coseg_config": config},
+        "images": entries,
         "annotations": annotations,
-        "categories": [{"id": 1, "name": result.category, "supercategory": result.category}],
+        "categories": [{"id": 1, "name": category, "supercategory": category}],
     }
 
 
@@ -179,35 +195,78 @@ def check_writable(out: Path) -> None:
         raise InputError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
 
 
+class FolderWriter:
+    """ResultSink (records.py) that writes each image's files into `out` as soon as they are
+    final and keeps only encoded instances for the JSON outputs, which `finish` writes.
+
+    A class because the sink carries state between calls (the folder's stems, the encoded
+    instances, whether the old manifest is already gone); the writing itself is the functions
+    above. The manifest is not written here: the caller writes it last (`write_manifest`), its
+    presence marking a complete folder, so an old one is removed before the first file.
+    """
+
+    def __init__(self, out: Path, images: Sequence[ImageRecord], *,
+                 overlays: bool = True) -> None:
+        self.out = Path(out)
+        self.images = list(images)
+        self.overlays = overlays
+        self.stems = output_stems([r.name for r in self.images])
+        self.encoded: list[EncodedInstance] = []
+        self.seconds = 0.0  # spent writing per-image files
+        self._opened = False
+
+    def _open(self) -> None:
+        """Before the first file: drop the old manifest and outputs of images no longer here."""
+        if self._opened:
+            return
+        check_writable(self.out)
+        (self.out / MANIFEST_NAME).unlink(missing_ok=True)
+        for stem in _existing_stems(self.out) - set(self.stems):
+            shutil.rmtree(self.out / "masks" / stem, ignore_errors=True)
+            for sub, ext in (("labels", ".png"), ("overlays", ".jpg"), ("cosaliency", ".png")):
+                (self.out / sub / f"{stem}{ext}").unlink(missing_ok=True)
+        self._opened = True
+
+    def add_cosaliency(self, index: int, cosal: np.ndarray) -> None:
+        """cosaliency/<stem>.png from float32[H,W] in [0,1]."""
+        t0 = time.perf_counter()
+        self._open()
+        save_image(self.out / "cosaliency" / f"{self.stems[index]}.png", heat_map(cosal))
+        self.seconds += time.perf_counter() - t0
+
+    def add_instances(self, index: int, instances: list[Instance]) -> None:
+        """masks/<stem>/, labels/<stem>.png and overlays/<stem>.jpg of one image; keeps each
+        instance encoded (RLE, box, area) for instances.json and matches.json."""
+        t0 = time.perf_counter()
+        self._open()
+        rec, stem = self.images[index], self.stems[index]
+        insts = sorted(instances, key=lambda t: t.rank)
+        write_instance_masks(self.out / "masks" / stem, insts)
+        save_image(self.out / "labels" / f"{stem}.png", label_map(rec.image.shape[:2], insts))
+        if self.overlays:
+            save_image(self.out / "overlays" / f"{stem}.jpg", render_overlay(rec.image, insts),
+                       quality=90)
+        self.encoded += [encode_instance(t) for t in insts]
+        self.seconds += time.perf_counter() - t0
+
+    def finish(self, config: dict[str, Any], category: str) -> dict[str, float]:
+        """Write matches.json and instances.json. Returns seconds spent per output kind."""
+        t0 = time.perf_counter()
+        self._open()
+        atomic_write_json(self.out / "matches.json",
+                          matches_document([r.name for r in self.images], self.encoded))
+        atomic_write_json(self.out / "instances.json",
+                          coco_document(self.images, self.encoded, config, category))
+        return {"files": self.seconds, "json": time.perf_counter() - t0}
+
+
 def write_all(result: RunResult, out: Path, *, overlays: bool = True) -> dict[str, float]:
     """Write every output of one folder into `out` except the manifest, which the caller writes
     last (`write_manifest`): its presence marks a complete folder, so an old one is removed first.
     Returns seconds spent per output kind."""
-    out = Path(out)
-    check_writable(out)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    stems = output_stems([r.name for r in result.images])
-    per_image: list[list[Instance]] = [[] for _ in result.images]
-    for inst in result.instances:
-        per_image[inst.image_index].append(inst)
-    stale_stems = _existing_stems(out) - set(stems)
-    for stem in stale_stems:  # images no longer in the folder: remove their old outputs
-        shutil.rmtree(out / "masks" / stem, ignore_errors=True)
-        for sub, ext in (("labels", ".png"), ("overlays", ".jpg"), ("cosaliency", ".png")):
-            (out / sub / f"{stem}{ext}").unlink(missing_ok=True)
-    for rec, stem, insts, cosal in zip(result.images, stems, per_image, result.cosaliency):
-        insts = sorted(insts, key=lambda t: t.rank)
-        write_instance_masks(out / "masks" / stem, insts)
-        save_image(out / "labels" / f"{stem}.png", label_map(rec.image.shape[:2], insts))
-        save_image(out / "cosaliency" / f"{stem}.png", heat_map(cosal))
-        if overlays:
-            save_image(out / "overlays" / f"{stem}.jpg", render_overlay(rec.image, insts),
-                       quality=90)
-    t_files = time.perf_counter() - t0
-    atomic_write_json(out / "matches.json", instance_matches(result))
-    atomic_write_json(out / "instances.json", instances_coco(result))
-    return {"files": t_files, "json": time.perf_counter() - t0 - t_files}
+    writer = FolderWriter(out, result.images, overlays=overlays)
+    result.send_to(writer)
+    return writer.finish(result.config, result.category)
 
 
 def _existing_stems(out: Path) -> set[str]:

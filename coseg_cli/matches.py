@@ -6,11 +6,12 @@ connected components of confident matches."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .records import RunResult
+from .records import EncodedInstance, Instance, RunResult
 
 # Mutual best matches at or above this cosine similarity link instances into one group.
 # Unit-norm VGG pool5 averages of unrelated regions typically score 0.2–0.5; the same kind of
@@ -58,22 +59,29 @@ def _groups(num: int, edges: list[tuple[int, int]]) -> np.ndarray:
 def instance_matches(result: RunResult,
                      group_thresh: float = GROUP_SIMILARITY_THRESH) -> dict[str, Any]:
     """The matches.json document for a run (annotation ids as in instances.json)."""
-    ordered = sorted(result.instances, key=lambda t: (t.image_index, t.rank))
-    per_image: list[list[int]] = [[] for _ in result.images]
+    return matches_document([r.name for r in result.images], result.instances, group_thresh)
+
+
+def matches_document(names: Sequence[str], instances: Sequence[Instance | EncodedInstance],
+                     group_thresh: float = GROUP_SIMILARITY_THRESH) -> dict[str, Any]:
+    """The matches.json document from each image's name and the instances' image index, rank
+    and embedding (full or encoded instances alike; annotation ids as in instances.json)."""
+    ordered = sorted(instances, key=lambda t: (t.image_index, t.rank))
+    per_image: list[list[int]] = [[] for _ in names]
     for k, inst in enumerate(ordered):
         per_image[inst.image_index].append(k)
     dim = next((len(t.embedding) for t in ordered if t.embedding is not None), 0)
     emb = np.stack([t.embedding if t.embedding is not None else np.zeros(dim, np.float32)
                     for t in ordered]) if ordered else np.zeros((0, dim), np.float32)
     pairs, edges = [], []
-    for a in range(len(result.images)):
-        for b in range(a + 1, len(result.images)):
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
             ia, ib = per_image[a], per_image[b]
             found = mutual_best_matches(emb[ia], emb[ib])
             if not found:
                 continue
             pairs.append({
-                "image_a": result.images[a].name, "image_b": result.images[b].name,
+                "image_a": names[a], "image_b": names[b],
                 "matches": [{"a": ia[i] + 1, "b": ib[j] + 1, "similarity": round(s, 4)}
                             for i, j, s in found],
             })
@@ -85,7 +93,7 @@ def instance_matches(result: RunResult,
     return {
         "similarity": "cosine of mean fine-tuned features inside each mask",
         "group_similarity_thresh": group_thresh,
-        "instances": [{"id": k + 1, "image": result.images[t.image_index].name, "rank": t.rank,
+        "instances": [{"id": k + 1, "image": names[t.image_index], "rank": t.rank,
                        "group": int(group[k])} for k, t in enumerate(ordered)],
         "pairs": pairs,
         "groups": [{"id": g, "size": len(m), "members": m}

@@ -1,13 +1,18 @@
 """Orchestration only: priors → proposals → fine-tuning → stage 2 per image (instances.py) →
 folder-wide selection. Each stage's result is cached under a key built from the config fields
 the stage declares (its module's CONFIG_FIELDS) and the keys of the stages it consumes, so a
-re-run resumes where the last one stopped and a changed option recomputes what it changes."""
+re-run resumes where the last one stopped and a changed option recomputes what it changes.
+
+Each image's co-saliency map and instances go to a sink (records.ResultSink) as soon as they are
+final: across the folder only what the folder-wide step needs is held (candidate scores and
+embeddings) plus the candidates' masks as RLE at working resolution, so memory does not grow
+with the folder by masks and maps (`cosegment_into`; `cosegment` collects them in memory)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,16 +20,24 @@ from typing import Any
 import cv2
 import numpy as np
 
+from . import coco, saliency, train, weights
 from . import instances as instances_mod
 from . import model as model_mod
 from . import peaks as peaks_mod
 from . import proposals as proposals_mod
-from . import saliency, train, weights
 from .config import CosegConfig, preset_config
 from .errors import InputError
 from .images import load_folder, resize_map, shrink_to
 from .manifest import Counts, InputFile, Manifest
-from .records import ImageRecord, Instance, Progress, RunResult
+from .records import (
+    ImageRecord,
+    Instance,
+    MemorySink,
+    Progress,
+    ResultSink,
+    RunResult,
+    RunSummary,
+)
 from .runtime import (
     StageCache,
     config_key,
@@ -152,78 +165,122 @@ def compute_candidates(net: model_mod.CoSegNet, img: np.ndarray, masks: np.ndarr
     return cand
 
 
-def _stage2(net: model_mod.CoSegNet, works: list[np.ndarray], priors: list[np.ndarray],
-            sha1s: list[str], cfg: CosegConfig, device: Any, cache: StageCache,
-            timings: dict[str, float], progress: Progress | None, backprop_chunk: int
-            ) -> tuple[list[instances_mod.Candidates], list[np.ndarray]]:
-    """Proposals and stage 2 per image: each image's candidates and their masks (bool[K,h,w],
-    at working resolution); adds the two stages' seconds to `timings`."""
+def _stage2(net: model_mod.CoSegNet, records: Sequence[ImageRecord], works: list[np.ndarray],
+            priors: list[np.ndarray], cfg: CosegConfig, device: Any, cache: StageCache,
+            sink: ResultSink, timings: dict[str, float], progress: Progress | None,
+            backprop_chunk: int) -> tuple[list[instances_mod.Candidates], list[list[coco.Rle]],
+                                          list[float]]:
+    """Proposals and stage 2 per image; each co-saliency map goes to `sink` (at image
+    resolution) as soon as it is known. Adds the two stages' seconds (sink excluded) to
+    `timings`.
+
+    Returns:
+        per image: its candidates without the map (cosal float32[0,0]: the folder-wide step
+        reads scores and embeddings), their masks as COCO RLE at working resolution, and the
+        mean of its map at image resolution. RLE because it is lossless and its size follows
+        the boundary (a few KB a mask, against h·w/8 bytes bit-packed), and because re-deriving
+        the masks later would mean recomputing the proposals under --no-cache.
+    """
     model_key = train.state_digest(net)  # the fine-tuned weights themselves key stage 2
     t_prop = t_inst = 0.0
     per_image: list[instances_mod.Candidates] = []
-    all_masks: list[np.ndarray] = []
-    for i, (img, prior, sha) in enumerate(zip(works, priors, sha1s)):
+    kept: list[list[coco.Rle]] = []
+    means: list[float] = []
+    for i, (rec, img, prior) in enumerate(zip(records, works, priors)):
         t = time.perf_counter()
-        masks = compute_proposals(img, prior, sha, cfg, cache)
+        masks = compute_proposals(img, prior, rec.sha1, cfg, cache)
         t_prop += time.perf_counter() - t
         t = time.perf_counter()
-        cand = compute_candidates(net, img, masks, sha, cfg, device, cache, model_key,
+        cand = compute_candidates(net, img, masks, rec.sha1, cfg, device, cache, model_key,
                                   backprop_chunk)
-        per_image.append(cand)
-        all_masks.append(masks[cand.prop_idx])
+        kept.append(coco.encode_masks(masks[cand.prop_idx]))
+        del masks  # all N proposals, bool[N,h,w]: only the kept candidates' RLE stays
+        cosal = cosaliency_at(cand.cosal, rec.image.shape[:2])
+        means.append(float(np.mean(cosal)))
+        per_image.append(replace(cand, cosal=np.zeros((0, 0), np.float32)))
         t_inst += time.perf_counter() - t
+        sink.add_cosaliency(i, cosal)
+        del cosal
         _notify(progress, "instances", i + 1, len(works))
     timings["proposals"] = t_prop
     timings["instances"] = t_inst
-    return per_image, all_masks
+    return per_image, kept, means
 
 
-def to_image_resolution(records: Sequence[ImageRecord],
-                        per_image: Sequence[instances_mod.Candidates],
-                        all_masks: Sequence[np.ndarray],
-                        selected: Sequence[tuple[np.ndarray, np.ndarray]]
-                        ) -> tuple[list[Instance], list[np.ndarray]]:
-    """The selected candidates as Instances (masks and peaks at each image's resolution, ranked
-    from 1) and each image's co-saliency map resized to it (float32[H,W] in [0,1]).
+def cosaliency_at(cosal: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """float32[h,w] co-saliency → float32[H,W] at image resolution, clipped to [0,1]."""
+    full = resize_map(cosal, shape, cv2.INTER_LINEAR)  # clipped in place: 4 B/px
+    return np.clip(full, 0.0, 1.0, out=None if full is cosal else full)
+
+
+def image_instances(index: int, shape: tuple[int, int], work_shape: tuple[int, int],
+                    cand: instances_mod.Candidates, masks_rle: Sequence[coco.Rle],
+                    order: np.ndarray, scores: np.ndarray) -> list[Instance]:
+    """One image's selected candidates as Instances (masks and peaks at image resolution,
+    ranked from 1).
 
     Args:
-        selected: per image, (indices into its candidates, their scores), best first
+        index: the image's index in the folder. shape: its (H, W). work_shape: (h, w) of its
+            working resolution. masks_rle: its candidates' masks (RLE at working resolution).
+        order, scores: indices into its candidates and their scores, best first
             (instances.select_folder).
     """
-    instances: list[Instance] = []
-    cosal_full: list[np.ndarray] = []
-    for i, (rec, cand, masks, (order, scores)) in enumerate(zip(records, per_image, all_masks,
-                                                                selected)):
-        shape = rec.image.shape[:2]
-        sy, sx = shape[0] / cand.cosal.shape[0], shape[1] / cand.cosal.shape[1]
-        for rank, (j, score) in enumerate(zip(order, scores), start=1):
-            px, py = cand.peaks_xy[j]
-            instances.append(Instance(
-                image_index=i, mask=upscale_mask(masks[j], shape), score=float(score),
-                peak_xy=(min(int(px * sx), shape[1] - 1), min(int(py * sy), shape[0] - 1)),
-                rank=rank, embedding=cand.embeddings[j]))
-        full = resize_map(cand.cosal, shape, cv2.INTER_LINEAR)  # clipped in place: 4 B/px
-        cosal_full.append(np.clip(full, 0.0, 1.0, out=None if full is cand.cosal else full))
-    return instances, cosal_full
+    sy, sx = shape[0] / work_shape[0], shape[1] / work_shape[1]
+    out = []
+    for rank, (j, score) in enumerate(zip(order, scores), start=1):
+        px, py = cand.peaks_xy[j]
+        out.append(Instance(
+            image_index=index, mask=upscale_mask(coco.decode(masks_rle[j]), shape),
+            score=float(score),
+            peak_xy=(min(int(px * sx), shape[1] - 1), min(int(py * sy), shape[0] - 1)),
+            rank=rank, embedding=cand.embeddings[j]))
+    return out
 
 
-def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
-              cfg: CosegConfig | None = None, *, cache_dir: Path | None = None,
-              weights_path: Path | None = None, category: str = "object",
-              progress: Progress | None = None,
-              backprop_chunk: int = peaks_mod.BACKPROP_CHUNK) -> RunResult:
-    """Co-segment a group of images of one category; writes nothing (cache aside).
-
-    Torch's thread count, the random seeds and deterministic algorithms are set from `cfg` for
-    the call and put back when it returns or raises (runtime.run_settings).
-
-    Args:
-        images: a folder, loaded ImageRecords (images.load_folder) or uint8[H,W,3] RGB arrays;
-            at least 2. cfg: the run's frozen config (default: the default preset).
-        cache_dir: stage cache root (None: no caching). weights_path: explicit VGG-16 weights.
+def _send_instances(records: Sequence[ImageRecord], works: Sequence[np.ndarray],
+                    per_image: Sequence[instances_mod.Candidates],
+                    kept: Sequence[Sequence[coco.Rle]],
+                    selected: Sequence[tuple[np.ndarray, np.ndarray]], sink: ResultSink,
+                    seconds: float) -> tuple[list[int], float]:
+    """Each image's selected instances to `sink`, one image at a time (`image_instances`).
 
     Returns:
-        RunResult with instances (masks at each image's resolution), co-saliency maps, timings.
+        instances per image, and `seconds` plus the time spent building them (sink excluded).
+    """
+    counts = []
+    for i, (rec, work, cand, rles, (order, scores)) in enumerate(
+            zip(records, works, per_image, kept, selected)):
+        t = time.perf_counter()
+        insts = image_instances(i, rec.image.shape[:2], work.shape[:2], cand, rles, order,
+                                scores)
+        seconds += time.perf_counter() - t
+        counts.append(len(insts))
+        sink.add_instances(i, insts)
+        del insts  # the sink has them: the next image's masks replace, not join, these
+    return counts, seconds
+
+
+def cosegment_into(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
+                   cfg: CosegConfig | None, sink: ResultSink, *, cache_dir: Path | None = None,
+                   weights_path: Path | None = None, category: str = "object",
+                   progress: Progress | None = None,
+                   backprop_chunk: int = peaks_mod.BACKPROP_CHUNK) -> RunSummary:
+    """Co-segment a group of images of one category, sending each image's co-saliency map and
+    instances to `sink` as soon as they are final (export.FolderWriter writes them to disk);
+    writes nothing itself (cache aside).
+
+    Across the folder it holds the inputs, what fine-tuning needs, and per image only the
+    candidates' scores, embeddings, peaks and RLE masks at working resolution: no image's
+    full-resolution masks or maps outlive its turn in the sink.
+
+    Args:
+        images, cfg, cache_dir, weights_path: as for `cosegment`.
+        sink: receives add_cosaliency(i, float32[H,W]) for every image during stage 2, then
+            add_instances(i, instances by rank) for every image, both in image order.
+
+    Returns:
+        RunSummary: the run's record and per-image counts; timings per stage (the sink's time
+        excluded, "total" the call's wall time).
     """
     cfg = cfg if cfg is not None else preset_config()
     records = as_records(images)
@@ -246,35 +303,63 @@ def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
                                              weights_path, progress)
         timings["train"] = time.perf_counter() - t
 
-        per_image, all_masks = _stage2(net, works, priors, sha1s, cfg, device, cache, timings,
-                                       progress, backprop_chunk)
+        per_image, kept, means = _stage2(net, records, works, priors, cfg, device, cache, sink,
+                                         timings, progress, backprop_chunk)
 
         t = time.perf_counter()
         selected = instances_mod.select_folder(per_image, cfg)
-        instances, cosal_full = to_image_resolution(records, per_image, all_masks, selected)
         timings["select"] = time.perf_counter() - t
+        counts, timings["select"] = _send_instances(records, works, per_image, kept, selected,
+                                                    sink, timings["select"])
         timings["total"] = time.perf_counter() - started
 
-        return RunResult(
-            images=records, instances=instances, cosaliency=cosal_full, config=asdict(cfg),
-            environment=environment_record(device), timings=timings, category=category,
-            weights=winfo, train=report, cache_hits=dict(cache.hits),
+        return RunSummary(
+            images=records, config=asdict(cfg), environment=environment_record(device),
+            timings=timings, instances_per_image=counts, cosaliency_means=means,
+            category=category, weights=winfo, train=report, cache_hits=dict(cache.hits),
             peaks=[c.peaks_xy for c in per_image])
 
 
-def build_manifest(result: RunResult, folder: Path, started_at: float, *,
+def cosegment(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
+              cfg: CosegConfig | None = None, *, cache_dir: Path | None = None,
+              weights_path: Path | None = None, category: str = "object",
+              progress: Progress | None = None,
+              backprop_chunk: int = peaks_mod.BACKPROP_CHUNK) -> RunResult:
+    """Co-segment a group of images of one category; writes nothing (cache aside).
+
+    Torch's thread count, the random seeds and deterministic algorithms are set from `cfg` for
+    the call and put back when it returns or raises (runtime.run_settings). Every image's masks
+    and map are kept in the result; for a large folder, `cosegment_into` with a sink that writes
+    them out (export.FolderWriter, what `coseg run` does) keeps memory flat.
+
+    Args:
+        images: a folder, loaded ImageRecords (images.load_folder) or uint8[H,W,3] RGB arrays;
+            at least 2. cfg: the run's frozen config (default: the default preset).
+        cache_dir: stage cache root (None: no caching). weights_path: explicit VGG-16 weights.
+
+    Returns:
+        RunResult with instances (masks at each image's resolution), co-saliency maps, timings.
+    """
+    sink = MemorySink()
+    s = cosegment_into(images, cfg, sink, cache_dir=cache_dir, weights_path=weights_path,
+                       category=category, progress=progress, backprop_chunk=backprop_chunk)
+    return RunResult(
+        images=s.images, instances=sink.instances, cosaliency=sink.cosaliency, config=s.config,
+        environment=s.environment, timings=s.timings, category=s.category, weights=s.weights,
+        train=s.train, cache_hits=s.cache_hits, peaks=s.peaks)
+
+
+def build_manifest(result: RunResult | RunSummary, folder: Path, started_at: float, *,
                    skipped_files: Sequence[str], seconds: float) -> Manifest:
     """Everything needed to audit or replay a run (`coseg run --config manifest.json`).
 
     Args:
-        result: what `cosegment` returned. folder: the input folder. started_at: POSIX time the
-            run started. skipped_files: one message per input skipped (`--skip-bad`).
-        seconds: the run's wall time, writing included.
+        result: what `cosegment` or `cosegment_into` returned. folder: the input folder.
+            started_at: POSIX time the run started. skipped_files: one message per input skipped
+            (`--skip-bad`). seconds: the run's wall time, writing included.
     """
     cfg = CosegConfig.from_dict(result.config)
-    per_image = [0] * len(result.images)
-    for inst in result.instances:
-        per_image[inst.image_index] += 1
+    per_image = result.instances_per_image
     return Manifest(
         config=cfg,
         category=result.category,
@@ -287,8 +372,8 @@ def build_manifest(result: RunResult, folder: Path, started_at: float, *,
         cache_hits=result.cache_hits,
         train=result.train,
         timings_s={k: round(v, 3) for k, v in result.timings.items()},
-        counts=Counts(len(result.images), len(result.instances), tuple(per_image),
-                      tuple(round(float(np.mean(c)), 6) for c in result.cosaliency)),
+        counts=Counts(len(result.images), sum(per_image), tuple(per_image),
+                      tuple(round(m, 6) for m in result.cosaliency_means)),
         started_at=datetime.fromtimestamp(started_at, UTC),
         skipped_files=tuple(skipped_files),
         seconds=seconds,

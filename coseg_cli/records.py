@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -78,6 +78,27 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class EncodedInstance:
+    """An Instance with its mask reduced to what instances.json and matches.json hold (a few
+    hundred bytes instead of H×W).
+
+    Attributes:
+        segmentation: COCO compressed RLE of the mask ({"size": [H, W], "counts": str}).
+        bbox_xywh: tight box [x, y, w, h] of the mask. area: its pixel count.
+        The others as in Instance.
+    """
+
+    image_index: int
+    segmentation: dict[str, Any]
+    bbox_xywh: list[float]
+    area: int
+    score: float
+    peak_xy: tuple[int, int]
+    rank: int
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class WeightsInfo:
     """Where the VGG-16 weights came from.
 
@@ -121,6 +142,57 @@ class TrainReport:
     cache_path: str | None = None
 
 
+class ResultSink(Protocol):
+    """Where `pipeline.cosegment_into` sends each image's results as soon as they are final, so
+    a folder's masks and maps need not all be held at once: export.FolderWriter writes them to
+    disk, MemorySink keeps them (what `pipeline.cosegment` returns)."""
+
+    def add_cosaliency(self, index: int, cosal: np.ndarray) -> None:
+        """Image `index`'s co-saliency map, float32[H,W] in [0,1] at image resolution; called
+        once per image, in order, during stage 2."""
+
+    def add_instances(self, index: int, instances: list[Instance]) -> None:
+        """Image `index`'s instances (masks at image resolution) by rank; called once per image,
+        in order, after the folder-wide selection and after every `add_cosaliency`."""
+
+
+@dataclass
+class MemorySink:
+    """ResultSink that keeps every map and instance in memory."""
+
+    cosaliency: list[np.ndarray] = field(default_factory=list)
+    instances: list[Instance] = field(default_factory=list)
+
+    def add_cosaliency(self, index: int, cosal: np.ndarray) -> None:
+        self.cosaliency.append(cosal)
+
+    def add_instances(self, index: int, instances: list[Instance]) -> None:
+        self.instances.extend(instances)
+
+
+@dataclass
+class RunSummary:
+    """What `pipeline.cosegment_into` returns: a run's record without its masks and maps (those
+    went to the sink), all that manifest.json needs.
+
+    Attributes:
+        instances_per_image: instances kept per image. cosaliency_means: mean of each image's
+            co-saliency map. The others as in RunResult.
+    """
+
+    images: list[ImageRecord]
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    timings: dict[str, float]
+    instances_per_image: list[int]
+    cosaliency_means: list[float]
+    category: str = "object"
+    weights: WeightsInfo | None = None
+    train: TrainReport | None = None
+    cache_hits: dict[str, int] = field(default_factory=dict)
+    peaks: list[np.ndarray] = field(default_factory=list)  # int64[K,2] (x, y) per image
+
+
 @dataclass
 class RunResult:
     """Everything `cosegment` computed for one folder; `export.write_all` writes it."""
@@ -138,3 +210,30 @@ class RunResult:
     train: TrainReport | None = None
     cache_hits: dict[str, int] = field(default_factory=dict)
     peaks: list[np.ndarray] = field(default_factory=list)  # int64[K,2] (x, y) image px, per image
+
+    @property
+    def instances_per_image(self) -> list[int]:
+        counts = [0] * len(self.images)
+        for inst in self.instances:
+            counts[inst.image_index] += 1
+        return counts
+
+    @property
+    def cosaliency_means(self) -> list[float]:
+        return [float(np.mean(c)) for c in self.cosaliency]
+
+    def send_to(self, sink: ResultSink) -> RunSummary:
+        """Feed this result to `sink` as `pipeline.cosegment_into` would, and return its
+        summary (export.write_all writes a RunResult this way)."""
+        for i, cosal in enumerate(self.cosaliency):
+            sink.add_cosaliency(i, cosal)
+        per_image: list[list[Instance]] = [[] for _ in self.images]
+        for inst in self.instances:
+            per_image[inst.image_index].append(inst)
+        for i, insts in enumerate(per_image):
+            sink.add_instances(i, sorted(insts, key=lambda t: t.rank))
+        return RunSummary(
+            images=self.images, config=self.config, environment=self.environment,
+            timings=self.timings, instances_per_image=self.instances_per_image,
+            cosaliency_means=self.cosaliency_means, category=self.category,
+            weights=self.weights, train=self.train, cache_hits=self.cache_hits, peaks=self.peaks)

@@ -619,8 +619,9 @@ def test_sigterm_mid_read_stops_within_two_seconds(command, big_run_output, tmp_
 # --------------------------------------------------------------------------- two runs, one OUT
 
 
-def _fake_cosegment(records, cfg, **kw):
-    """The stage math is tested elsewhere: one square instance on the first image."""
+def _fake_cosegment_into(records, cfg, sink, **kw):
+    """The stage math is tested elsewhere: one square instance on the first image, sent to the
+    sink as the real pipeline sends it."""
     from coseg_cli.records import Instance, RunResult
 
     h, w = records[0].image.shape[:2]
@@ -629,14 +630,14 @@ def _fake_cosegment(records, cfg, **kw):
     return RunResult(images=records, instances=[Instance(0, mask, 0.9, (w // 3, h // 3), 1)],
                      cosaliency=[np.full(r.image.shape[:2], 0.5, np.float32) for r in records],
                      config={"seed": 0, "preset": "fast"}, environment={}, timings={},
-                     category=kw.get("category") or "object")
+                     category=kw.get("category") or "object").send_to(sink)
 
 
 @pytest.fixture
 def fast_pipeline(monkeypatch):
     from coseg_cli import pipeline
 
-    monkeypatch.setattr(pipeline, "cosegment", _fake_cosegment)
+    monkeypatch.setattr(pipeline, "cosegment_into", _fake_cosegment_into)
 
 
 def _write_lock(out: Path, pid: int, host: str) -> Path:

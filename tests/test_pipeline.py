@@ -294,6 +294,44 @@ def test_python_api_rejects_bad_arrays():
         cosegment([img[:, :, 0], img])
 
 
+def test_cosegment_into_frees_each_image_once_the_sink_has_it(weights_ready):
+    """The streaming core sends every co-saliency map during stage 2, then every image's
+    instances, in image order, and keeps none of them: each map and mask is freed as soon as a
+    sink that does not keep it returns (what lets `coseg run` hold a big folder in flat memory)."""
+    import weakref
+
+    from coseg_cli.pipeline import cosegment_into
+
+    calls: list[tuple[str, int]] = []
+    sent: list[weakref.ref] = []
+
+    def alive() -> int:
+        return sum(r() is not None for r in sent)
+
+    class Probe:
+        def add_cosaliency(self, index, cosal):
+            assert alive() == 0  # the maps sent before are gone
+            assert cosal.shape == (128, 160) and cosal.dtype == np.float32
+            calls.append(("cosaliency", index))
+            sent.append(weakref.ref(cosal))
+
+        def add_instances(self, index, instances):
+            assert alive() == 0  # so are the maps and the other images' masks
+            assert [t.rank for t in instances] == list(range(1, len(instances) + 1))
+            assert all(t.image_index == index and t.mask.shape == (128, 160) for t in instances)
+            calls.append(("instances", index))
+            sent.extend(weakref.ref(t.mask) for t in instances)
+
+    # 128×160 photos: stage 2 works at 77×96 (work_max_side), masks and maps come back upscaled
+    images = [np.pad(blob_image(64, seed=i).repeat(2, 0).repeat(2, 1), ((0, 0), (16, 16), (0, 0)))
+              for i in range(3)]
+    summary = cosegment_into(images, _api_config(), Probe())
+    assert calls == [("cosaliency", i) for i in range(3)] + [("instances", i) for i in range(3)]
+    assert alive() == 0
+    assert sum(summary.instances_per_image) == len(sent) - 3 > 0
+    assert len(summary.cosaliency_means) == 3
+
+
 # --------------------------------------------------------------------------- global state
 def _api_config() -> CosegConfig:
     """The light run's settings with 2 threads (the `unusual_state` fixture sets 1)."""

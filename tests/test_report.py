@@ -239,15 +239,15 @@ def test_run_folder_writes_report(tmp_path, monkeypatch):
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(src / f"{i}.png")
 
-    def fake_cosegment(records, cfg, **kw):  # the stage math is tested elsewhere
+    def fake_cosegment_into(records, cfg, sink, **kw):  # the stage math is tested elsewhere
         mask = np.zeros((24, 32), bool)
         mask[4:12, 4:12] = True
         return RunResult(images=records, instances=[Instance(0, mask, 0.9, (8, 8), 1)],
                          cosaliency=[np.full((24, 32), v, np.float32) for v in (0.4, 0.6)],
                          config={"seed": 0, "preset": "fast"}, environment={}, timings={},
-                         category=kw.get("category", "object"))
+                         category=kw.get("category", "object")).send_to(sink)
 
-    monkeypatch.setattr(pipeline, "cosegment", fake_cosegment)
+    monkeypatch.setattr(pipeline, "cosegment_into", fake_cosegment_into)
     outcome = batch.run_folder(src, tmp_path / "out", preset_config())
     assert outcome.status == "ok", outcome.error
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
