@@ -93,7 +93,9 @@ def run_folder(folder: Path, out: Path, cfg: CosegConfig, *, category: str | Non
     created = not out.exists()
     try:
         export.check_writable(out)
-        records, skipped = images.load_folder(folder, skip_bad=skip_bad)
+        # records hold working copies only; the writer re-reads each photo for its overlay
+        records, skipped = images.load_folder(folder, skip_bad=skip_bad,
+                                              work_max_side=cfg.work_max_side)
         cache_dir = out / "cache" if use_cache else None
         if force and cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from . import coco
 from .errors import InputError, OutputError
+from .images import pixels
 from .manifest import MANIFEST_NAME, Manifest
 from .matches import matches_document
 from .records import EncodedInstance, ImageRecord, Instance, RunResult
@@ -242,10 +243,10 @@ class FolderWriter:
         rec, stem = self.images[index], self.stems[index]
         insts = sorted(instances, key=lambda t: t.rank)
         write_instance_masks(self.out / "masks" / stem, insts)
-        save_image(self.out / "labels" / f"{stem}.png", label_map(rec.image.shape[:2], insts))
-        if self.overlays:
-            save_image(self.out / "overlays" / f"{stem}.jpg", render_overlay(rec.image, insts),
-                       quality=90)
+        save_image(self.out / "labels" / f"{stem}.png", label_map(rec.shape, insts))
+        if self.overlays:  # the photo read again when only its working copy is held
+            save_image(self.out / "overlays" / f"{stem}.jpg",
+                       render_overlay(pixels(rec), insts), quality=90)
         self.encoded += [encode_instance(t) for t in insts]
         self.seconds += time.perf_counter() - t0
 

@@ -27,7 +27,7 @@ from . import peaks as peaks_mod
 from . import proposals as proposals_mod
 from .config import CosegConfig, preset_config
 from .errors import InputError
-from .images import load_folder, resize_map, shrink_to
+from .images import load_folder, resize_map, working_copy
 from .manifest import Counts, InputFile, Manifest
 from .records import (
     ImageRecord,
@@ -132,11 +132,13 @@ def finetuned_model(works: list[np.ndarray], priors: list[np.ndarray], sha1s: li
     return net, report, winfo
 
 
-def as_records(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str
-               ) -> list[ImageRecord]:
-    """Accept a folder, loaded records, or RGB uint8 arrays (named image_000.png, …)."""
+def as_records(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str,
+               work_max_side: int | None = None) -> list[ImageRecord]:
+    """Accept a folder, loaded records, or RGB uint8 arrays (named image_000.png, …). A folder's
+    records hold working copies at `work_max_side` when given (images.load_folder), not the
+    full-resolution pixels; arrays are held as given (the caller holds them anyway)."""
     if isinstance(images, (str, Path)):
-        return load_folder(Path(images))[0]
+        return load_folder(Path(images), work_max_side=work_max_side)[0]
     records = []
     for i, item in enumerate(images):
         if isinstance(item, ImageRecord):
@@ -195,7 +197,7 @@ def _stage2(net: model_mod.CoSegNet, records: Sequence[ImageRecord], works: list
                                   backprop_chunk)
         kept.append(coco.encode_masks(masks[cand.prop_idx]))
         del masks  # all N proposals, bool[N,h,w]: only the kept candidates' RLE stays
-        cosal = cosaliency_at(cand.cosal, rec.image.shape[:2])
+        cosal = cosaliency_at(cand.cosal, rec.shape)
         means.append(float(np.mean(cosal)))
         per_image.append(replace(cand, cosal=np.zeros((0, 0), np.float32)))
         t_inst += time.perf_counter() - t
@@ -251,8 +253,7 @@ def _send_instances(records: Sequence[ImageRecord], works: Sequence[np.ndarray],
     for i, (rec, work, cand, rles, (order, scores)) in enumerate(
             zip(records, works, per_image, kept, selected)):
         t = time.perf_counter()
-        insts = image_instances(i, rec.image.shape[:2], work.shape[:2], cand, rles, order,
-                                scores)
+        insts = image_instances(i, rec.shape, work.shape[:2], cand, rles, order, scores)
         seconds += time.perf_counter() - t
         counts.append(len(insts))
         sink.add_instances(i, insts)
@@ -269,7 +270,9 @@ def cosegment_into(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path |
     instances to `sink` as soon as they are final (export.FolderWriter writes them to disk);
     writes nothing itself (cache aside).
 
-    Across the folder it holds the inputs, what fine-tuning needs, and per image only the
+    Across the folder it holds the inputs (for a folder, or records from
+    `load_folder(..., work_max_side=cfg.work_max_side)`, only their working copies: the sink
+    re-reads a photo for its overlay), what fine-tuning needs, and per image only the
     candidates' scores, embeddings, peaks and RLE masks at working resolution: no image's
     full-resolution masks or maps outlive its turn in the sink.
 
@@ -283,7 +286,7 @@ def cosegment_into(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path |
         excluded, "total" the call's wall time).
     """
     cfg = cfg if cfg is not None else preset_config()
-    records = as_records(images)
+    records = as_records(images, cfg.work_max_side)
     if len(records) < 2:
         raise InputError(f"co-segmentation needs at least 2 images, got {len(records)}")
     timings: dict[str, float] = {}
@@ -291,7 +294,7 @@ def cosegment_into(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path |
     device = resolve_device(cfg.device)
     with run_settings(cfg.num_threads, cfg.seed):
         cache = StageCache(cache_dir)
-        works = [shrink_to(r.image, cfg.work_max_side) for r in records]
+        works = [working_copy(r, cfg.work_max_side) for r in records]
         sha1s = [r.sha1 for r in records]
 
         t = time.perf_counter()

@@ -20,13 +20,25 @@ class ImageRecord:
 
     Attributes:
         path: file on disk. name: path relative to the input folder (posix), used as file_name.
-        image: uint8[H,W,3] RGB with EXIF orientation applied. sha1: hex digest of the file bytes.
+        image: uint8[H,W,3] RGB with EXIF orientation applied, or None when only the working
+            copy is held (images.load_folder with work_max_side): images.pixels decodes the
+            file again. sha1: hex digest of the file bytes.
+        shape: (H, W) of the full-resolution image (taken from `image` when that is given).
+        work: the image shrunk to longer side ≤ work_max_side (images.shrink_to), or None.
     """
 
     path: Path
     name: str
-    image: np.ndarray
+    image: np.ndarray | None
     sha1: str
+    shape: tuple[int, int] = (0, 0)
+    work: np.ndarray | None = field(default=None, repr=False, compare=False)
+    work_max_side: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image is not None:
+            h, w = self.image.shape[:2]
+            object.__setattr__(self, "shape", (int(h), int(w)))
 
     @property
     def stem(self) -> str:
@@ -34,11 +46,11 @@ class ImageRecord:
 
     @property
     def height(self) -> int:
-        return int(self.image.shape[0])
+        return self.shape[0]
 
     @property
     def width(self) -> int:
-        return int(self.image.shape[1])
+        return self.shape[1]
 
 
 @dataclass

@@ -624,11 +624,11 @@ def _fake_cosegment_into(records, cfg, sink, **kw):
     sink as the real pipeline sends it."""
     from coseg_cli.records import Instance, RunResult
 
-    h, w = records[0].image.shape[:2]
+    h, w = records[0].shape
     mask = np.zeros((h, w), bool)
     mask[h // 4: h // 2, w // 4: w // 2] = True
     return RunResult(images=records, instances=[Instance(0, mask, 0.9, (w // 3, h // 3), 1)],
-                     cosaliency=[np.full(r.image.shape[:2], 0.5, np.float32) for r in records],
+                     cosaliency=[np.full(r.shape, 0.5, np.float32) for r in records],
                      config={"seed": 0, "preset": "fast"}, environment={}, timings={},
                      category=kw.get("category") or "object").send_to(sink)
 
@@ -948,3 +948,29 @@ def test_report_of_a_manifest_with_odd_fields(key, value, needle, tmp_path):
     _assert_one_error(runner.invoke(app, ["report", str(run_out)]), 1,
                       f"{run_out / 'manifest.json'}: ", needle)
     assert not (run_out / "report.html").exists()
+
+
+# --------------------------------------------------------------------------- photos read twice
+
+
+def test_photo_changed_during_run_is_one_line_error(monkeypatch, tmp_path):
+    """`coseg run` holds each photo's working copy only (issue 13: flat memory) and reads the
+    photo again for its overlay: a photo replaced meanwhile is one error line, not an overlay
+    of other pixels, and the folder gets no manifest."""
+    from coseg_cli import pipeline
+
+    folder = _good(tmp_path / "in")
+    seen = []
+
+    def replacing(records, cfg, sink, **kw):
+        seen.extend(records)
+        first = folder / records[0].name
+        first.write_bytes(_jpeg_bytes(Image.new("RGB", records[0].shape[::-1], "red")))
+        return _fake_cosegment_into(records, cfg, sink, **kw)
+
+    monkeypatch.setattr(pipeline, "cosegment_into", replacing)
+    out = tmp_path / "out"
+    r = _run(folder, "--out", out)
+    _assert_one_error(r, 1, seen[0].name, "file changed on disk during the run")
+    assert all(rec.image is None and max(rec.work.shape[:2]) <= 96 for rec in seen)
+    assert not (out / "manifest.json").exists()

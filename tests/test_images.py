@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 
 from coseg_cli.errors import InputError
-from coseg_cli.images import decode_image, list_images, load_folder
+from coseg_cli.images import (
+    decode_image,
+    list_images,
+    load_folder,
+    pixels,
+    shrink_to,
+    working_copy,
+)
 
 
 def _png(img: Image.Image, **kw) -> bytes:
@@ -162,3 +169,44 @@ def test_records_carry_hash_and_relative_name(tmp_path):
     assert {r.name for r in records} == {"one image.png", "ünï.png"}
     assert records[0].sha1 == records[1].sha1 and len(records[0].sha1) == 40
     assert records[0].stem == "one image"
+
+
+def _photo_folder(folder: Path) -> list[np.ndarray]:
+    """Two 600x400 gradient JPEGs (one with EXIF rotation) and one 80x60 PNG; returns the arrays
+    load_folder decodes (full resolution, EXIF applied)."""
+    big = np.asarray(Image.fromarray(_gradient(60, 40)).resize((600, 400)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° CW for display: decoded 400x600 tall
+    _write(folder, "a.jpg", _jpeg(Image.fromarray(big)))
+    _write(folder, "b.jpg", _jpeg(Image.fromarray(big[:, ::-1]), exif=exif.tobytes()))
+    _write(folder, "c.png", _png(Image.fromarray(_gradient(80, 60))))
+    return [r.image for r in load_folder(folder)[0]]
+
+
+def test_work_max_side_records_hold_no_full_resolution_pixels(tmp_path):
+    # issue 13: `coseg run` holds each photo's working copy and shape, not its pixels
+    full = _photo_folder(tmp_path)
+    records, _ = load_folder(tmp_path, work_max_side=96)
+    assert [r.shape for r in records] == [(400, 600), (600, 400), (60, 80)]
+    assert [(r.height, r.width) for r in records] == [(400, 600), (600, 400), (60, 80)]
+    assert records[0].image is None and records[1].image is None
+    assert records[2].image is records[2].work  # within 96 px: its own working copy
+    for rec, arr in zip(records, full):
+        assert max(rec.work.shape[:2]) <= 96
+        np.testing.assert_array_equal(rec.work, shrink_to(arr, 96))
+        np.testing.assert_array_equal(pixels(rec), arr)  # decoded again, EXIF applied
+        assert working_copy(rec, 96) is rec.work
+        np.testing.assert_array_equal(working_copy(rec, 50), shrink_to(arr, 50))
+
+
+def test_pixels_of_a_file_changed_or_gone_since_loading(tmp_path):
+    _photo_folder(tmp_path)
+    records, _ = load_folder(tmp_path, work_max_side=96)
+    _write(tmp_path, "a.jpg", _jpeg(Image.fromarray(_gradient(600, 400))))
+    with pytest.raises(InputError, match=r"a\.jpg: file changed on disk during the run"):
+        pixels(records[0])
+    with pytest.raises(InputError, match=r"a\.jpg: file changed on disk"):
+        working_copy(records[0], 50)
+    (tmp_path / "b.jpg").unlink()
+    with pytest.raises(InputError, match=r"b\.jpg: cannot read"):
+        pixels(records[1])
