@@ -38,12 +38,17 @@ def tiny_folder(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def first_run(weights_ready, tiny_folder, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("out") / "run"
-    r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(out), "--json", *TINY])
+def _run_into(tmp_path_factory, name: str, folder: Path, *options: str) -> Path:
+    """`coseg run FOLDER` into a fresh OUT under a module-scoped temp folder; must succeed."""
+    out = tmp_path_factory.mktemp(name) / "run"
+    r = runner.invoke(app, ["run", str(folder), "--out", str(out), *options])
     assert r.exit_code == 0, r.output
     return out
+
+
+@pytest.fixture(scope="module")
+def first_run(weights_ready, tiny_folder, tmp_path_factory) -> Path:
+    return _run_into(tmp_path_factory, "out", tiny_folder, "--json", *TINY)
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
@@ -169,10 +174,7 @@ LIGHT = [*TINY, "--infer-size", "64"]
 
 @pytest.fixture(scope="module")
 def light_run(weights_ready, tiny_folder, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("light") / "run"
-    r = runner.invoke(app, ["run", str(tiny_folder), "--out", str(out), "--quiet", *LIGHT])
-    assert r.exit_code == 0, r.output
-    return out
+    return _run_into(tmp_path_factory, "light", tiny_folder, "--quiet", *LIGHT)
 
 
 def _manifest(out: Path) -> dict:
