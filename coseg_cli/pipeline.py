@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,15 +104,24 @@ def compute_priors(works: list[np.ndarray], sha1s: list[str], cfg: CosegConfig,
 
 
 def compute_proposals(img: np.ndarray, prior: np.ndarray, sha: str, cfg: CosegConfig,
-                      cache: StageCache) -> np.ndarray:
-    """bool[N,h,w] candidate masks at working resolution (cached bit-packed)."""
+                      cache: StageCache, pending: Future[np.ndarray] | None = None
+                      ) -> np.ndarray:
+    """bool[N,h,w] candidate masks at working resolution (cached bit-packed).
+
+    Args:
+        pending: the same masks being generated in a worker thread (`_ProposalPrefetch`),
+            awaited instead of generating them here on a cache miss.
+    """
     key = proposals_key(sha, cfg)
     hit = cache.load("proposals", key)
     h, w = img.shape[:2]
     if hit is not None:
+        if pending is not None:
+            pending.cancel()
         n = int(hit["count"])
         return np.unpackbits(hit["packed"], axis=-1, count=h * w).astype(bool).reshape(n, h, w)
-    masks = proposals_mod.generate_proposals(img, cfg, prior=prior).masks
+    masks = (pending.result() if pending is not None
+             else proposals_mod.generate_proposals(img, cfg, prior=prior).masks)
     cache.save("proposals", key, count=np.array(len(masks)),
                packed=np.packbits(masks.reshape(len(masks), h * w), axis=-1))  # N may be 0
     return masks
@@ -167,14 +177,47 @@ def compute_candidates(net: model_mod.CoSegNet, img: np.ndarray, masks: np.ndarr
     return cand
 
 
+class _ProposalPrefetch:
+    """Generates one image's proposals in a worker thread while the caller's network works on
+    the previous image: proposals are CPU-only (OpenCV, numpy) and release the GIL for most of
+    their time. `generate_proposals` is a pure function of the image, its prior and the
+    config (its random generator is seeded from `cfg.seed`), so results equal the sequential
+    order's. The worker only computes; the cache is read and written by the caller, so an
+    interrupt never leaves a half-written entry behind, and `close` does not wait for it."""
+
+    def __init__(self, works: Sequence[np.ndarray], priors: Sequence[np.ndarray],
+                 sha1s: Sequence[str], cfg: CosegConfig, cache: StageCache) -> None:
+        self._args = (works, priors, sha1s, cfg, cache)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coseg-proposals")
+        self._pending: dict[int, Future[np.ndarray]] = {}
+
+    def start(self, i: int) -> None:
+        """Begin image `i`'s proposals unless they are cached (or `i` is past the end)."""
+        works, priors, sha1s, cfg, cache = self._args
+        if i >= len(works) or i in self._pending:
+            return
+        path = cache.path("proposals", proposals_key(sha1s[i], cfg))
+        if path is not None and path.is_file():
+            return
+        self._pending[i] = self._pool.submit(
+            lambda: proposals_mod.generate_proposals(works[i], cfg, prior=priors[i]).masks)
+
+    def take(self, i: int) -> Future[np.ndarray] | None:
+        """Image `i`'s proposals in flight, if `start(i)` began them."""
+        return self._pending.pop(i, None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _stage2(net: model_mod.CoSegNet, records: Sequence[ImageRecord], works: list[np.ndarray],
             priors: list[np.ndarray], cfg: CosegConfig, device: Any, cache: StageCache,
             sink: ResultSink, timings: dict[str, float], progress: Progress | None,
-            backprop_chunk: int) -> tuple[list[instances_mod.Candidates], list[list[coco.Rle]],
-                                          list[float]]:
+            backprop_chunk: int, prefetch: _ProposalPrefetch
+            ) -> tuple[list[instances_mod.Candidates], list[list[coco.Rle]], list[float]]:
     """Proposals and stage 2 per image; each co-saliency map goes to `sink` (at image
     resolution) as soon as it is known. Adds the two stages' seconds (sink excluded) to
-    `timings`.
+    `timings`; proposals count the time spent waiting for them.
 
     Returns:
         per image: its candidates without the map (cosal float32[0,0]: the folder-wide step
@@ -190,7 +233,8 @@ def _stage2(net: model_mod.CoSegNet, records: Sequence[ImageRecord], works: list
     means: list[float] = []
     for i, (rec, img, prior) in enumerate(zip(records, works, priors)):
         t = time.perf_counter()
-        masks = compute_proposals(img, prior, rec.sha1, cfg, cache)
+        masks = compute_proposals(img, prior, rec.sha1, cfg, cache, prefetch.take(i))
+        prefetch.start(i + 1)  # image i+1's proposals while the network works on image i
         t_prop += time.perf_counter() - t
         t = time.perf_counter()
         cand = compute_candidates(net, img, masks, rec.sha1, cfg, device, cache, model_key,
@@ -301,13 +345,17 @@ def cosegment_into(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path |
         priors = compute_priors(works, sha1s, cfg, cache, progress)
         timings["prior"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        net, report, winfo = finetuned_model(works, priors, sha1s, cfg, device, cache_dir,
-                                             weights_path, progress)
-        timings["train"] = time.perf_counter() - t
-
-        per_image, kept, means = _stage2(net, records, works, priors, cfg, device, cache, sink,
-                                         timings, progress, backprop_chunk)
+        prefetch = _ProposalPrefetch(works, priors, sha1s, cfg, cache)
+        try:
+            prefetch.start(0)  # the first image's proposals while the network fine-tunes
+            t = time.perf_counter()
+            net, report, winfo = finetuned_model(works, priors, sha1s, cfg, device, cache_dir,
+                                                 weights_path, progress)
+            timings["train"] = time.perf_counter() - t
+            per_image, kept, means = _stage2(net, records, works, priors, cfg, device, cache,
+                                             sink, timings, progress, backprop_chunk, prefetch)
+        finally:
+            prefetch.close()
 
         t = time.perf_counter()
         selected = instances_mod.select_folder(per_image, cfg)

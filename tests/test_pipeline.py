@@ -371,3 +371,32 @@ def test_cosegment_restores_global_state_when_a_stage_raises(unusual_state, monk
         cosegment([blob_image(64, seed=i) for i in range(2)], _api_config())
     assert seen == [(2, True)]
     assert global_state() == before
+
+
+def test_prefetched_proposals_equal_the_sequential_ones_and_skip_cached_images(tmp_path):
+    """The worker thread's proposals are the ones computed in the caller's thread; an image
+    whose proposals are cached is not regenerated (nothing is started for it)."""
+    from coseg_cli import pipeline, saliency
+    from coseg_cli.runtime import StageCache
+
+    cfg = preset_config("fast", prior="spectral_residual", max_proposals=40, work_max_side=96)
+    works = [blob_image(96, seed=s) for s in range(3)]
+    priors = [saliency.compute_saliency(w, cfg) for w in works]
+    sha1s = ["a" * 40, "b" * 40, "c" * 40]
+    cache = StageCache(tmp_path / "cache")
+    direct = pipeline.compute_proposals(works[1], priors[1], sha1s[1], cfg, StageCache(None))
+    pipeline.compute_proposals(works[2], priors[2], sha1s[2], cfg, cache)  # image 2 cached
+    prefetch = pipeline._ProposalPrefetch(works, priors, sha1s, cfg, cache)
+    try:
+        for i in range(4):  # 3 is past the end: nothing to start
+            prefetch.start(i)
+        assert prefetch.take(2) is None and prefetch.take(3) is None
+        pending = prefetch.take(1)
+        assert pending is not None
+        got = pipeline.compute_proposals(works[1], priors[1], sha1s[1], cfg, cache, pending)
+    finally:
+        prefetch.close()
+    assert got.shape[0] > 0 and np.array_equal(got, direct)
+    # the caller wrote image 1's entry from the worker's result: a cache hit now
+    assert np.array_equal(pipeline.compute_proposals(works[1], priors[1], sha1s[1], cfg, cache),
+                          direct)
