@@ -168,6 +168,15 @@ def run(
         "common_seeds")] = None,
     common_power: Annotated[float | None, _knob(
         "common: exponent of cross-image commonness in the score.", "common_power")] = None,
+    contrast_inside_power: Annotated[float | None, _knob(
+        "common: exponent of the mean co-saliency inside a mask in its contrast.",
+        "contrast_inside_power")] = None,
+    common_pool: Annotated[int | None, _knob(
+        "common: candidates per image re-ranked by commonness before NMS.",
+        "common_pool")] = None,
+    common_aggregate: Annotated[str | None, _knob(
+        "common: mean or median of a candidate's best matches over the other images.",
+        "common_aggregate")] = None,
     consensus_power: Annotated[float | None, _knob(
         "Exponent of the cross-image consensus factor on scores (0 = off).",
         "consensus_power")] = None,

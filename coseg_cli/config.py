@@ -14,6 +14,7 @@ from .errors import ConfigError
 FREEZE_CHOICES = ("none", "conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3")
 FEATURE_LAYERS = ("pool5", "fc6_new")
 RANKINGS = ("peaks", "common")
+COMMON_AGGREGATES = ("mean", "median")
 NET_STRIDE = 32  # VGG-16 to pool5: five 2×2 max-pools, 448 → 14
 COSAL_STRIDES = (NET_STRIDE, NET_STRIDE // 2)  # pool5, conv5_3
 # Fields that change how a run executes, never what it computes (no stage cache key holds them).
@@ -82,6 +83,20 @@ class CosegConfig:
     max_instances: int = 20
     common_seeds: int = 5
     common_power: float = 1.0
+    # "common": contrast = (S inside − S around)₊ · (S inside)^p. p = 1 (session 2) rewarded a
+    # weakly co-salient mask less than a strongly co-salient one with the same margin; p = 0,
+    # with the two fields below, measured 9.2 / 4.3 against 8.0 / 3.4 mAP^r@.25 / @.5 on all 36
+    # coco-dev categories (BENCHMARKS.md, issue 11 session 4). A ring weight below 1 favoured
+    # masks that spill over the blob (0.5: 4.3 / 1.7).
+    contrast_inside_power: float = 0.0
+    # "common": candidates per image, best contrast first, that the folder step re-ranks with
+    # commonness *before* NMS (instead of NMS on contrast alone, then commonness on the
+    # survivors); 100 scores as the whole pool does (9.2 / 4.3 both; 50: 8.1 / 3.8)
+    common_pool: int = 100
+    # "common": how a candidate's best matches in the other images are pooled: "median" (a
+    # typical other image) or "mean". Median 9.2 / 4.3, mean 8.5 / 3.6 with the two above:
+    # clutter that recurs in some photos (people, tables) lifts a mean more than a median.
+    common_aggregate: str = "median"
     # Final score = R × consensus^p, consensus = an instance's mean best feature similarity to the
     # other images' instances (ranking.consensus_scores), applied after the noise filter;
     # 0 = off (paper). Not in DeepCO3: see the `fast` preset for the measurement.
@@ -98,7 +113,8 @@ class CosegConfig:
         if not 0 <= self.seed < 2 ** 32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         _positive_int(self, "image_size", "epochs", "batch_images", "max_proposals",
-                      "work_max_side", "contour_px", "ring_px", "max_instances", "common_seeds")
+                      "work_max_side", "contour_px", "ring_px", "max_instances", "common_seeds",
+                      "common_pool")
         if self.ranking not in RANKINGS:
             raise ConfigError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
         if self.cosal_stride not in COSAL_STRIDES:
@@ -107,6 +123,9 @@ class CosegConfig:
         if self.cosal_stride == 16 and self.feature_layer != "pool5":
             raise ConfigError("cosal_stride 16 needs feature_layer pool5 (the saliency head then "
                               f"reads conv5_3's 512 channels), got {self.feature_layer!r}")
+        if self.common_aggregate not in COMMON_AGGREGATES:
+            raise ConfigError(f"common_aggregate must be one of {COMMON_AGGREGATES}, "
+                              f"got {self.common_aggregate!r}")
         if self.common_power < 0:
             raise ConfigError(f"common_power must be >= 0, got {self.common_power}")
         if self.infer_size < 0 or self.infer_size % NET_STRIDE != 0:
@@ -204,8 +223,9 @@ PRESETS: dict[str, CosegConfig] = {
         # cross-image consensus re-scoring: 14.6 / 5.0 / 16.0 → 15.7 / 6.1 / 21.9 mAP^r@.25 / @.5 /
         # CorLoc^r on seven coco-dev categories (BENCHMARKS.md, issue 7 second pass)
         consensus_power=2.0,
-        # stage 2: every proposal by co-saliency contrast × commonness on a 20×20 map (640 px
-        # input) instead of eq. 7 per peak (BENCHMARKS.md, issue 11: all 36 coco-dev categories)
+        # stage 2: every proposal by co-saliency contrast on a 40×40 map (640 px input, conv5_3)
+        # × commonness, instead of eq. 7 per peak (BENCHMARKS.md, issue 11: all 36 coco-dev
+        # categories)
         ranking="common",
         infer_size=640,
         cosal_stride=16,

@@ -4,8 +4,9 @@ Two rankings of the mask proposals (`CosegConfig.ranking`):
 
 - "peaks", the paper's: co-saliency peaks, PRM peak back-propagation, eq. 7 per peak, NMS.
 - "common": every proposal is scored by how co-salient it is against its own surroundings
-  (co-saliency contrast on a finer map) and by how well its fine-tuned feature is matched in the
-  other images of the folder (commonness), then NMS. It needs no peak back-propagation.
+  (co-saliency contrast on a finer map); each image keeps its `common_pool` best; the folder-wide
+  step multiplies by how well each one's fine-tuned feature is matched in the other images
+  (commonness), then NMS. It needs no peak back-propagation.
 
 Per image, `image_stage2` computes what the instance cache holds (`Candidates`); the folder-wide
 step, `select_folder`, turns those into ranked instances.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from . import losses, ranking
 from . import model as model_mod
 from . import peaks as peaks_mod
+from .coco import mask_iou
 from .config import CosegConfig
 from .images import resize_map
 
@@ -30,9 +32,9 @@ from .images import resize_map
 # the fine-tuned model's keys). `select_folder`'s fields are applied after the cache.
 CONFIG_FIELDS = ("ranking", "image_size", "infer_size", "cosal_stride", "max_peaks",
                  "rank_beta", "rank_gamma", "rank_cosal_power", "contour_px", "nms_iou_thresh",
-                 "ring_px", "max_instances")
-SELECT_FIELDS = ("ranking", "common_seeds", "common_power", "consensus_power",
-                 "noise_percentile")
+                 "ring_px", "contrast_inside_power", "common_pool")
+SELECT_FIELDS = ("ranking", "nms_iou_thresh", "max_instances", "common_seeds", "common_power",
+                 "common_aggregate", "consensus_power", "noise_percentile")
 
 # Proposal statistics are taken on a grid this many times coarser than the working image: the
 # co-saliency map is at most 1/16 of the image's resolution, so nothing finer is lost.
@@ -49,6 +51,7 @@ class Candidates:
         prop_idx: int64[M] proposal index of each candidate, by score descending.
         scores: float32[M] per-image score (eq. 7, or co-saliency contrast).
         embeddings: float32[M,C] unit-norm mean fine-tuned feature inside each mask.
+        overlaps: float32[M,M] IoU between the candidates' masks (the folder step's NMS).
     """
 
     cosal: np.ndarray
@@ -56,6 +59,7 @@ class Candidates:
     prop_idx: np.ndarray
     scores: np.ndarray
     embeddings: np.ndarray
+    overlaps: np.ndarray
 
 
 def mask_embeddings(feats: torch.Tensor, masks: np.ndarray) -> np.ndarray:
@@ -164,7 +168,8 @@ def _peak_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
     peak_idx = np.array([p[0] for p in picks], np.int64)
     return Candidates(cosal=ps.cosal, peaks_xy=ps.peaks_xy[peak_idx].reshape(-1, 2),
                       prop_idx=prop_idx, scores=np.array([p[2] for p in picks], np.float32),
-                      embeddings=mask_embeddings(ps.feats, masks[prop_idx]))
+                      embeddings=mask_embeddings(ps.feats, masks[prop_idx]),
+                      overlaps=mask_iou(masks[prop_idx], masks[prop_idx]).astype(np.float32))
 
 
 def contrast_stats(masks: np.ndarray, cosal: np.ndarray, ring_px: int
@@ -196,13 +201,14 @@ def contrast_stats(masks: np.ndarray, cosal: np.ndarray, ring_px: int
     return inside.astype(np.float32), around.astype(np.float32)
 
 
-def contrast_scores(inside: np.ndarray, ring: np.ndarray) -> np.ndarray:
-    """Co-saliency contrast: (S inside − S around)₊ · S inside.
+def contrast_scores(inside: np.ndarray, ring: np.ndarray, inside_power: float) -> np.ndarray:
+    """Co-saliency contrast: (S inside − S around)₊ · (S inside)^`inside_power`.
 
     High only for a mask that holds a co-salient blob *and* stops where the blob stops: a mask
     around two instances, or a part of one, is co-salient on its border too.
     """
-    return (np.clip(inside - ring, 0.0, None) * inside).astype(np.float32)
+    diff = np.clip(inside - ring, 0.0, None)
+    return (diff * inside ** inside_power if inside_power else diff).astype(np.float32)
 
 
 def _cosal_maxima(masks: np.ndarray, cosal: np.ndarray) -> np.ndarray:
@@ -218,16 +224,17 @@ def _cosal_maxima(masks: np.ndarray, cosal: np.ndarray) -> np.ndarray:
 
 def _common_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
                        cfg: CosegConfig, device: torch.device | str) -> Candidates:
-    """Every proposal scored by co-saliency contrast; NMS keeps at most `max_instances`."""
+    """Every proposal scored by co-saliency contrast; the best `common_pool` are kept, without
+    NMS: the folder step re-ranks them with commonness first (`select_folder`)."""
     feats, _, cosal = forward_maps(net, network_input(img, cfg, device),  # type: ignore[arg-type]
                                    img.shape[:2], cfg.cosal_stride)
     inside, ring = contrast_stats(masks, cosal, cfg.ring_px)
-    scores = contrast_scores(inside, ring)
-    keep = ranking.greedy_nms(scores, masks, iou_thresh=cfg.nms_iou_thresh,
-                              max_keep=cfg.max_instances)
+    scores = contrast_scores(inside, ring, cfg.contrast_inside_power)
+    keep = np.argsort(-scores, kind="stable")[:cfg.common_pool].astype(np.int64)
     return Candidates(cosal=cosal, peaks_xy=_cosal_maxima(masks[keep], cosal),
                       prop_idx=keep, scores=scores[keep],
-                      embeddings=mask_embeddings(feats, masks[keep]))
+                      embeddings=mask_embeddings(feats, masks[keep]),
+                      overlaps=mask_iou(masks[keep], masks[keep]).astype(np.float32))
 
 
 def image_stage2(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray, cfg: CosegConfig,
@@ -250,30 +257,43 @@ def select_folder(per_image: list[Candidates], cfg: CosegConfig) -> list[tuple[n
 
     "peaks": the authors' noise filter, then (if `consensus_power`) × consensus^p.
     "common": (score / the image's best score) × commonness^`common_power`, commonness
-    measured against the best `common_seeds` candidates of every other image
-    (`ranking.commonness`).
+    measured against the best `common_seeds` candidates (after NMS) of every other image and
+    aggregated by `common_aggregate` (`ranking.commonness`); then NMS keeps at most
+    `max_instances`.
 
     Returns:
         per image, (indices into its candidates by final score descending, float64 scores).
     """
-    if cfg.ranking == "peaks":
-        keep = ranking.noise_filter([c.scores for c in per_image],
-                                    percentile=cfg.noise_percentile)
-        final = [c.scores.astype(np.float64) for c in per_image]
-        if cfg.consensus_power > 0:  # the kept instances of the other images vote
-            agree = ranking.consensus_scores([c.embeddings[k] for c, k in zip(per_image, keep)])
-            for s, k, a in zip(final, keep, agree):
-                s[k] *= a ** cfg.consensus_power
-    else:
-        seeds = [c.embeddings[:cfg.common_seeds] for c in per_image]  # candidates are sorted
-        common = ranking.commonness([c.embeddings for c in per_image], seeds)
-        # every photo of the folder shows the category (the premise of co-segmentation), so
-        # each image's best contrast counts as 1: scores compare across images
-        final = [c.scores.astype(np.float64) / max(float(c.scores.max(initial=0.0)), 1e-12)
-                 * a ** cfg.common_power for c, a in zip(per_image, common)]
-        keep = [np.ones(len(s), bool) for s in final]
+    if cfg.ranking == "common":
+        return _select_common(per_image, cfg)
+    keep = ranking.noise_filter([c.scores for c in per_image], percentile=cfg.noise_percentile)
+    final = [c.scores.astype(np.float64) for c in per_image]
+    if cfg.consensus_power > 0:  # the kept instances of the other images vote
+        agree = ranking.consensus_scores([c.embeddings[k] for c, k in zip(per_image, keep)])
+        for s, k, a in zip(final, keep, agree):
+            s[k] *= a ** cfg.consensus_power
     out = []
     for s, k in zip(final, keep):
         order = np.array([j for j in np.argsort(-s, kind="stable") if k[j]], np.int64)
         out.append((order, s[order]))
+    return out
+
+
+def _select_common(per_image: list[Candidates], cfg: CosegConfig
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`select_folder` for "common" (see there)."""
+    def nms(scores: np.ndarray, c: Candidates, keep: int) -> np.ndarray:
+        return ranking.nms_by_iou(scores, c.overlaps, iou_thresh=cfg.nms_iou_thresh,
+                                  max_keep=keep)
+
+    seeds = [c.embeddings[nms(c.scores, c, cfg.common_seeds)] for c in per_image]
+    common = ranking.commonness([c.embeddings for c in per_image], seeds, cfg.common_aggregate)
+    out = []
+    for c, a in zip(per_image, common):
+        # every photo of the folder shows the category (the premise of co-segmentation), so
+        # each image's best contrast counts as 1: scores compare across images
+        final = (c.scores.astype(np.float64) / max(float(c.scores.max(initial=0.0)), 1e-12)
+                 * a ** cfg.common_power)
+        order = nms(final, c, cfg.max_instances)
+        out.append((order, final[order]))
     return out

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from .coco import mask_iou
+from .config import COMMON_AGGREGATES
 
 # Masks are scanned for row runs this many pixels at a time: bounds the temporary memory to
 # about _BLOCK_ELEMS bytes (≈32 MB)
@@ -193,8 +194,7 @@ def select_instances(scores: np.ndarray, masks: np.ndarray, *,
 
 def greedy_nms(scores: np.ndarray, masks: np.ndarray, *, iou_thresh: float,
                max_keep: int, pool: int = 0) -> np.ndarray:
-    """Greedy mask-IoU NMS: best score first, keep a mask if its IoU with every kept one is
-    < `iou_thresh`, stop after `max_keep`.
+    """Greedy mask-IoU NMS (`nms_by_iou`) over the best `pool` masks.
 
     Args:
         scores: float[N]. masks: bool[N,H,W]. pool: consider only the best `pool` masks
@@ -209,14 +209,32 @@ def greedy_nms(scores: np.ndarray, masks: np.ndarray, *, iou_thresh: float,
     if len(scores) == 0 or max_keep < 1:
         return np.zeros(0, np.int64)
     order = np.argsort(-scores, kind="stable")[:pool or 10 * max_keep]
-    iou = mask_iou(masks[order], masks[order])
-    kept: list[int] = []
-    for a in range(len(order)):
-        if all(iou[a, b] < iou_thresh for b in kept):
-            kept.append(a)
-            if len(kept) == max_keep:
-                break
+    kept = nms_by_iou(scores[order], mask_iou(masks[order], masks[order]),
+                      iou_thresh=iou_thresh, max_keep=max_keep)
     return order[kept].astype(np.int64)
+
+
+def nms_by_iou(scores: np.ndarray, iou: np.ndarray, *, iou_thresh: float, max_keep: int
+               ) -> np.ndarray:
+    """Greedy NMS on a precomputed IoU table: best score first, keep a candidate if its IoU with
+    every kept one is < `iou_thresh`, stop after `max_keep`.
+
+    Args:
+        scores: float[N]. iou: float[N,N] pairwise IoU of the candidates.
+
+    Returns:
+        int64[K] kept indices, by score descending (ties: lower index first).
+    """
+    scores = np.asarray(scores, np.float64)
+    if iou.shape != (len(scores), len(scores)):
+        raise ValueError(f"IoU table {iou.shape} for {len(scores)} scores")
+    kept: list[int] = []
+    for a in np.argsort(-scores, kind="stable"):
+        if len(kept) == max_keep:
+            break
+        if all(iou[a, b] < iou_thresh for b in kept):
+            kept.append(int(a))
+    return np.array(kept, np.int64)
 
 
 def noise_threshold(scores_per_image: Sequence[np.ndarray], percentile: float) -> float | None:
@@ -263,8 +281,8 @@ def noise_filter(scores_per_image: list[np.ndarray], percentile: float) -> list[
 
 
 def consensus_scores(embeddings: list[np.ndarray]) -> list[np.ndarray]:
-    """`commonness` with every image's instances as its own seeds (the "peaks" ranking's
-    re-scoring of the instances that survived the noise filter).
+    """`commonness` (mean over the other images) with every image's instances as its own seeds
+    (the "peaks" ranking's re-scoring of the instances that survived the noise filter).
 
     Args:
         embeddings: per image, float32[k_i,C] unit-norm instance features (k_i may be 0).
@@ -272,29 +290,37 @@ def consensus_scores(embeddings: list[np.ndarray]) -> list[np.ndarray]:
     Returns:
         per image, float64[k_i] in [0, 1].
     """
-    return commonness(embeddings, embeddings)
+    return commonness(embeddings, embeddings, "mean")
 
 
-def commonness(embeddings: list[np.ndarray], seeds: list[np.ndarray]) -> list[np.ndarray]:
+def commonness(embeddings: list[np.ndarray], seeds: list[np.ndarray], aggregate: str
+               ) -> list[np.ndarray]:
     """How well each candidate's feature is matched in the *other* images of the folder.
 
     Co-segmentation's premise: the category recurs across the group, clutter does not. Per
-    candidate, the mean over the other images that have seeds of its best cosine similarity to
-    their seeds (each image's most co-salient candidates), clipped at 0; 1 when no other image
-    has seeds.
+    candidate, its best cosine similarity to each other image's seeds (that image's most
+    co-salient candidates), aggregated over those images (the images without seeds do not
+    vote), clipped at 0; 1 when no other image has seeds. "median" asks how well a typical other
+    image matches: clutter that recurs in a few photos (people, tables) scores high in those
+    only, and lifts a mean more than a median.
 
     Args:
         embeddings: per image, float32[k_i,C] unit-norm candidate features (k_i may be 0).
         seeds: per image, float32[s_i,C] unit-norm features of that image's seeds.
+        aggregate: "mean" or "median" over the other images (the config's
+            `common_aggregate`).
 
     Returns:
         per image, float64[k_i] in [0, 1].
     """
+    if aggregate not in COMMON_AGGREGATES:
+        raise ValueError(f"aggregate must be one of {COMMON_AGGREGATES}, got {aggregate!r}")
+    reduce = np.mean if aggregate == "mean" else np.median
     seed_mats = [np.asarray(e, np.float64) for e in seeds]
     out = []
     for a, emb in enumerate(embeddings):
         ea = np.asarray(emb, np.float64)
         best = [(ea @ sb.T).max(axis=1) for b, sb in enumerate(seed_mats)
                 if b != a and len(sb) and len(ea)]
-        out.append(np.clip(np.mean(best, axis=0), 0.0, 1.0) if best else np.ones(len(ea)))
+        out.append(np.clip(reduce(best, axis=0), 0.0, 1.0) if best else np.ones(len(ea)))
     return out

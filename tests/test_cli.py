@@ -111,7 +111,8 @@ def test_run_one_failing_folder_exits_1_others_finish(tmp_path):
 # proposal_method has one registered method: the test registers a second name for it.
 _OTHER_CHOICE = {"prior": "spectral_residual", "feature_layer": "fc6_new",
                  "freeze_until": "conv3_3", "ranking": "common", "cosal_stride": 16,
-                 "device": "cpu", "proposal_method": "hierarchical_copy"}
+                 "device": "cpu", "proposal_method": "hierarchical_copy",
+                 "common_aggregate": "mean"}
 
 
 def test_every_config_field_is_a_run_option(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 from coseg_cli import instances, pipeline, proposals, saliency, train
 from coseg_cli.config import PRESETS, RUNTIME_FIELDS, CosegConfig
-from coseg_cli.ranking import commonness, greedy_nms
+from coseg_cli.ranking import commonness, greedy_nms, nms_by_iou
 
 
 def _square(h: int, w: int, r0: int, c0: int, side: int) -> np.ndarray:
@@ -33,9 +33,12 @@ def test_contrast_prefers_the_mask_that_stops_where_the_blob_stops() -> None:
     # the part covers cells 6..7²; dilated by 2 cells → 4..9² (36) minus 4 = 32 ring cells, of
     # which the blob (6..9²) holds 16 − 4 = 12
     assert ring[2] == pytest.approx(12 / 32)
-    scores = instances.contrast_scores(inside, ring)
+    scores = instances.contrast_scores(inside, ring, inside_power=1.0)
     np.testing.assert_allclose(scores, [1.0, 0.25 * 0.25, 1.0 - 12 / 32], atol=1e-6)
     assert scores.argmax() == 0
+    # without the inside factor the loose mask keeps its whole margin, still below the exact one
+    np.testing.assert_allclose(instances.contrast_scores(inside, ring, inside_power=0.0),
+                               [1.0, 0.25, 1.0 - 12 / 32], atol=1e-6)
 
 
 def test_contrast_empty_and_full_masks() -> None:
@@ -70,25 +73,57 @@ def test_commonness_hand_case() -> None:
     tilt = np.array([[0.6, 0.8, 0.0]], np.float32)
     cands = [e[:2], tilt, e[2:]]
     seeds = [e[:1], tilt, np.zeros((0, 3), np.float32)]  # image 2 has no seeds: not a voter
-    out = commonness(cands, seeds)
+    out = commonness(cands, seeds, "mean")
     np.testing.assert_allclose(out[0], [0.6, 0.8])  # only image 1 votes
     np.testing.assert_allclose(out[1], [0.6])  # only image 0 votes (its seed is [1,0,0])
     np.testing.assert_allclose(out[2], [0.0])  # orthogonal to both voters' seeds
-    np.testing.assert_allclose(commonness([e[:1]], [e[:1]])[0], [1.0])  # nobody else: neutral
+    np.testing.assert_allclose(commonness([e[:1]], [e[:1]], "median")[0], [1.0])  # no voter
+    with pytest.raises(ValueError, match="aggregate"):
+        commonness(cands, seeds, "max")
+
+
+def test_commonness_median_is_not_lifted_by_a_few_images() -> None:
+    """A candidate matched perfectly in one other image out of three scores 1/3 by the mean, 0
+    by the median; one matched moderately in all three scores the same (0.6) by both."""
+    e = np.eye(3, dtype=np.float32)
+    tilt = np.array([0.6, 0.8, 0.0], np.float32)
+    clutter, target = e[0], tilt
+    cands = [np.stack([clutter, target])] + [np.zeros((0, 3), np.float32)] * 3
+    seeds = [np.zeros((0, 3), np.float32), e[:1], e[1:2], e[1:2]]  # image 1 holds the clutter
+    mean, median = commonness(cands, seeds, "mean")[0], commonness(cands, seeds, "median")[0]
+    np.testing.assert_allclose(mean, [1 / 3, (0.6 + 0.8 + 0.8) / 3])
+    np.testing.assert_allclose(median, [0.0, 0.8])
+
+
+def test_nms_by_iou_hand_case() -> None:
+    iou = np.array([[1.0, 0.6, 0.0], [0.6, 1.0, 0.3], [0.0, 0.3, 1.0]])
+    np.testing.assert_array_equal(nms_by_iou(np.array([0.9, 0.8, 0.1]), iou, iou_thresh=0.5,
+                                             max_keep=5), [0, 2])
+    np.testing.assert_array_equal(nms_by_iou(np.array([0.1, 0.8, 0.9]), iou, iou_thresh=0.5,
+                                             max_keep=5), [2, 1])
+    np.testing.assert_array_equal(nms_by_iou(np.array([0.1, 0.8, 0.9]), iou, iou_thresh=0.2,
+                                             max_keep=5), [2, 0])
+    np.testing.assert_array_equal(nms_by_iou(np.array([0.9, 0.8, 0.1]), iou, iou_thresh=0.7,
+                                             max_keep=2), [0, 1])
+    with pytest.raises(ValueError, match="IoU table"):
+        nms_by_iou(np.zeros(2), iou, iou_thresh=0.5, max_keep=3)
+
+
+def _cands(scores: list[float], emb: np.ndarray, overlaps: np.ndarray | None = None
+           ) -> instances.Candidates:
+    n = len(scores)
+    return instances.Candidates(
+        cosal=np.zeros((4, 4), np.float32), peaks_xy=np.zeros((n, 2), np.int64),
+        prop_idx=np.arange(n), scores=np.array(scores, np.float32), embeddings=emb,
+        overlaps=np.eye(n, dtype=np.float32) if overlaps is None else overlaps)
 
 
 def test_select_folder_common_multiplies_by_commonness() -> None:
-    cfg = dataclasses.replace(PRESETS["fast"], common_seeds=1, common_power=2.0)
+    cfg = dataclasses.replace(PRESETS["fast"], common_seeds=1, common_power=2.0,
+                              common_aggregate="mean")
     e = np.eye(2, dtype=np.float32)
-    cand = [instances.Candidates(cosal=np.zeros((4, 4), np.float32),
-                                 peaks_xy=np.zeros((2, 2), np.int64),
-                                 prop_idx=np.arange(2), scores=np.array([0.5, 0.4], np.float32),
-                                 embeddings=e),
-            instances.Candidates(cosal=np.zeros((4, 4), np.float32),
-                                 peaks_xy=np.zeros((1, 2), np.int64),
-                                 prop_idx=np.arange(1), scores=np.array([0.3], np.float32),
-                                 embeddings=e[1:])]
-    (order0, s0), (order1, s1) = instances.select_folder(cand, cfg)
+    (order0, s0), (order1, s1) = instances.select_folder(
+        [_cands([0.5, 0.4], e), _cands([0.3], e[1:])], cfg)
     # image 0 is matched against image 1's seed [0,1]: commonness 0 and 1 → the second wins,
     # its score 0.4 over the image's best 0.5
     np.testing.assert_array_equal(order0, [1, 0])
@@ -96,6 +131,35 @@ def test_select_folder_common_multiplies_by_commonness() -> None:
     # image 1 against image 0's first (best) candidate [1,0]: commonness 0
     np.testing.assert_allclose(s1, [0.0], atol=1e-7)
     np.testing.assert_array_equal(order1, [0])
+
+
+def test_select_folder_common_ranks_by_commonness_before_nms() -> None:
+    """Seeds are each image's best candidates after NMS on contrast; commonness re-ranks every
+    candidate *before* NMS, so a candidate that contrast alone would have suppressed (it
+    overlaps a better-contrasted one) wins when only it is matched in the other images; at
+    most `max_instances` survive."""
+    e = np.eye(3, dtype=np.float32)
+    overlap = np.array([[1, 0.8, 0], [0.8, 1, 0], [0, 0, 1]], np.float32)
+    img0 = _cands([1.0, 0.9, 0.2], e, overlap)
+    img1 = _cands([1.0, 0.5], np.stack([e[1], e[0]]))
+    cfg = dataclasses.replace(PRESETS["fast"], common_seeds=1, max_instances=3,
+                              nms_iou_thresh=0.5)
+    (order0, s0), (order1, s1) = instances.select_folder([img0, img1], cfg)
+    # image 1's one seed is [0,1,0]: image 0's candidate 1 (0.9 × 1) beats candidate 0 (1 × 0)
+    # and suppresses it; candidate 2 (orthogonal, 0) does not overlap: kept last
+    np.testing.assert_array_equal(order0, [1, 2])
+    np.testing.assert_allclose(s0, [0.9, 0.0])
+    # image 0's seed is its candidate 0 ([1,0,0], best contrast): image 1's second matches it
+    np.testing.assert_array_equal(order1, [1, 0])
+    np.testing.assert_allclose(s1, [0.5, 0.0])
+    # two seeds: image 0's are candidates 0 and 2 (1 overlaps 0), so now its candidate 0 is
+    # matched too (image 1's seeds are [0,1,0] and [1,0,0]) and wins; one instance kept
+    cfg2 = dataclasses.replace(cfg, common_seeds=2, max_instances=1)
+    (order0, s0), (order1, s1) = instances.select_folder([img0, img1], cfg2)
+    np.testing.assert_array_equal(order0, [0])
+    np.testing.assert_allclose(s0, [1.0])
+    np.testing.assert_array_equal(order1, [1])
+    np.testing.assert_allclose(s1, [0.5])
 
 
 # ---------------------------------------------------------------- stage cache keys
@@ -125,6 +189,7 @@ def _changed_value(field: dataclasses.Field, value):
     choices = {"prior": ("fusion", "spectral_residual"), "proposal_method": ("other",),
                "feature_layer": ("fc6_new", "pool5"), "freeze_until": ("none", "conv3_3"),
                "ranking": ("peaks", "common"), "cosal_stride": (16, 32),
+               "common_aggregate": ("mean", "median"),
                "device": ("cpu", "auto"), "preset": ("x",)}
     if field.name in choices:
         return next(c for c in choices[field.name] if c != value)
