@@ -192,28 +192,6 @@ def select_instances(scores: np.ndarray, masks: np.ndarray, *,
     return [(k, int(best[k]), float(best_scores[k])) for k in kept]
 
 
-def greedy_nms(scores: np.ndarray, masks: np.ndarray, *, iou_thresh: float,
-               max_keep: int, pool: int = 0) -> np.ndarray:
-    """Greedy mask-IoU NMS (`nms_by_iou`) over the best `pool` masks.
-
-    Args:
-        scores: float[N]. masks: bool[N,H,W]. pool: consider only the best `pool` masks
-            (0 = 10 × max_keep, enough for the kept ones; IoU is computed among these only).
-
-    Returns:
-        int64[K] kept indices, by score descending (ties: lower index first).
-    """
-    scores = np.asarray(scores, np.float64)
-    if len(scores) != len(masks):
-        raise ValueError(f"{len(scores)} scores for {len(masks)} masks")
-    if len(scores) == 0 or max_keep < 1:
-        return np.zeros(0, np.int64)
-    order = np.argsort(-scores, kind="stable")[:pool or 10 * max_keep]
-    kept = nms_by_iou(scores[order], mask_iou(masks[order], masks[order]),
-                      iou_thresh=iou_thresh, max_keep=max_keep)
-    return order[kept].astype(np.int64)
-
-
 def nms_by_iou(scores: np.ndarray, iou: np.ndarray, *, iou_thresh: float, max_keep: int
                ) -> np.ndarray:
     """Greedy NMS on a precomputed IoU table: best score first, keep a candidate if its IoU with

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from coseg_cli import instances, pipeline, proposals, saliency, train
+from coseg_cli.coco import mask_iou
 from coseg_cli.config import PRESETS, RUNTIME_FIELDS, CosegConfig
-from coseg_cli.ranking import commonness, greedy_nms, nms_by_iou
+from coseg_cli.ranking import commonness, nms_by_iou
 
 
 def _square(h: int, w: int, r0: int, c0: int, side: int) -> np.ndarray:
@@ -49,23 +50,21 @@ def test_contrast_empty_and_full_masks() -> None:
     assert inside[0] == pytest.approx(0.5) and ring[0] == 0.0  # no outside: ring is empty
 
 
-def test_greedy_nms_hand_case() -> None:
+def test_nms_on_mask_ious_hand_case() -> None:
     a = _square(10, 10, 0, 0, 4)
     b = _square(10, 10, 0, 1, 4)  # IoU with a: 12 / 20 = 0.6
     c = _square(10, 10, 6, 6, 4)
-    masks = np.stack([a, b, c])
-    np.testing.assert_array_equal(greedy_nms(np.array([0.9, 0.8, 0.1]), masks, iou_thresh=0.5,
+    iou = mask_iou(*(np.stack([a, b, c]),) * 2)
+    np.testing.assert_allclose(iou[0, 1], 0.6)
+    np.testing.assert_array_equal(nms_by_iou(np.array([0.9, 0.8, 0.1]), iou, iou_thresh=0.5,
                                              max_keep=5), [0, 2])
-    np.testing.assert_array_equal(greedy_nms(np.array([0.9, 0.8, 0.1]), masks, iou_thresh=0.7,
+    np.testing.assert_array_equal(nms_by_iou(np.array([0.9, 0.8, 0.1]), iou, iou_thresh=0.7,
                                              max_keep=5), [0, 1, 2])
-    np.testing.assert_array_equal(greedy_nms(np.array([0.1, 0.8, 0.9]), masks, iou_thresh=0.7,
+    np.testing.assert_array_equal(nms_by_iou(np.array([0.1, 0.8, 0.9]), iou, iou_thresh=0.7,
                                              max_keep=2), [2, 1])
-    np.testing.assert_array_equal(greedy_nms(np.array([0.5, 0.5, 0.5]), masks, iou_thresh=0.5,
+    np.testing.assert_array_equal(nms_by_iou(np.array([0.5, 0.5, 0.5]), iou, iou_thresh=0.5,
                                              max_keep=5), [0, 2])  # ties: lower index first
-    assert greedy_nms(np.zeros(0), np.zeros((0, 4, 4), bool), iou_thresh=0.5,
-                      max_keep=3).shape == (0,)
-    with pytest.raises(ValueError, match="scores"):
-        greedy_nms(np.zeros(2), masks, iou_thresh=0.5, max_keep=3)
+    assert nms_by_iou(np.zeros(0), np.zeros((0, 0)), iou_thresh=0.5, max_keep=3).shape == (0,)
 
 
 def test_commonness_hand_case() -> None:
