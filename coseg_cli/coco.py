@@ -70,14 +70,16 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact pairwise IoU of boolean masks, through RLE (memory ∝ boundary, not area).
 
     Args:
-        a: bool[N,H,W]. b: bool[M,H,W].
+        a: bool[N,H,W]. b: bool[M,H,W]; pass `a` itself for the IoU among a's masks (encoded
+            once).
 
     Returns:
         float64[N,M] in [0,1]; 0 where both masks are empty.
     """
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), np.float64)
-    return rle_iou(_encode(a), _encode(b))
+    rles = _encode(a)
+    return rle_iou(rles, rles if b is a else _encode(b))
 
 
 def to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:

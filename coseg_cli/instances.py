@@ -166,10 +166,11 @@ def _peak_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
     picks = ranking.select_instances(ps.scores, masks, nms_iou_thresh=cfg.nms_iou_thresh)
     prop_idx = np.array([p[1] for p in picks], np.int64)
     peak_idx = np.array([p[0] for p in picks], np.int64)
+    picked = masks[prop_idx]
     return Candidates(cosal=ps.cosal, peaks_xy=ps.peaks_xy[peak_idx].reshape(-1, 2),
                       prop_idx=prop_idx, scores=np.array([p[2] for p in picks], np.float32),
-                      embeddings=mask_embeddings(ps.feats, masks[prop_idx]),
-                      overlaps=mask_iou(masks[prop_idx], masks[prop_idx]).astype(np.float32))
+                      embeddings=mask_embeddings(ps.feats, picked),
+                      overlaps=mask_iou(picked, picked).astype(np.float32))
 
 
 def contrast_stats(masks: np.ndarray, cosal: np.ndarray, ring_px: int
@@ -207,8 +208,7 @@ def contrast_scores(inside: np.ndarray, ring: np.ndarray, inside_power: float) -
     High only for a mask that holds a co-salient blob *and* stops where the blob stops: a mask
     around two instances, or a part of one, is co-salient on its border too.
     """
-    diff = np.clip(inside - ring, 0.0, None)
-    return (diff * inside ** inside_power if inside_power else diff).astype(np.float32)
+    return (np.clip(inside - ring, 0.0, None) * inside ** inside_power).astype(np.float32)
 
 
 def _cosal_maxima(masks: np.ndarray, cosal: np.ndarray) -> np.ndarray:
@@ -231,10 +231,10 @@ def _common_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
     inside, ring = contrast_stats(masks, cosal, cfg.ring_px)
     scores = contrast_scores(inside, ring, cfg.contrast_inside_power)
     keep = np.argsort(-scores, kind="stable")[:cfg.common_pool].astype(np.int64)
-    return Candidates(cosal=cosal, peaks_xy=_cosal_maxima(masks[keep], cosal),
-                      prop_idx=keep, scores=scores[keep],
-                      embeddings=mask_embeddings(feats, masks[keep]),
-                      overlaps=mask_iou(masks[keep], masks[keep]).astype(np.float32))
+    kept = masks[keep]  # one copy of the pool's masks, not one per use
+    return Candidates(cosal=cosal, peaks_xy=_cosal_maxima(kept, cosal), prop_idx=keep,
+                      scores=scores[keep], embeddings=mask_embeddings(feats, kept),
+                      overlaps=mask_iou(kept, kept).astype(np.float32))
 
 
 def image_stage2(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray, cfg: CosegConfig,

@@ -183,7 +183,8 @@ def select_instances(scores: np.ndarray, masks: np.ndarray, *,
     order = np.argsort(-best_scores, kind="stable")
     # IoU among the distinct chosen proposals only (several peaks often pick the same one)
     uniq, inverse = np.unique(best, return_inverse=True)
-    iou = mask_iou(masks[uniq], masks[uniq])
+    chosen = masks[uniq]
+    iou = mask_iou(chosen, chosen)
     kept: list[int] = []
     for k in order:
         u = inverse[k]
