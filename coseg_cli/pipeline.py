@@ -194,10 +194,8 @@ class _ProposalPrefetch:
     def start(self, i: int) -> None:
         """Begin image `i`'s proposals unless they are cached (or `i` is past the end)."""
         works, priors, sha1s, cfg, cache = self._args
-        if i >= len(works) or i in self._pending:
-            return
-        path = cache.path("proposals", proposals_key(sha1s[i], cfg))
-        if path is not None and path.is_file():
+        if i >= len(works) or i in self._pending or cache.has("proposals",
+                                                                proposals_key(sha1s[i], cfg)):
             return
         self._pending[i] = self._pool.submit(
             lambda: proposals_mod.generate_proposals(works[i], cfg, prior=priors[i]).masks)

@@ -280,9 +280,14 @@ class StageCache:
     def path(self, stage: str, key: str, suffix: str = ".npz") -> Path | None:
         return None if self.root is None else self.root / stage / f"{key}{suffix}"
 
+    def has(self, stage: str, key: str) -> bool:
+        """Whether an entry exists (`load` may still find it damaged and return None)."""
+        path = self.path(stage, key)
+        return path is not None and path.is_file()
+
     def load(self, stage: str, key: str) -> dict[str, np.ndarray] | None:
         path = self.path(stage, key)
-        if path is None or not path.is_file():
+        if path is None or not self.has(stage, key):
             return None
         try:
             with np.load(path, allow_pickle=False) as data:
