@@ -182,6 +182,9 @@ def run(
         "consensus_power")] = None,
     noise_percentile: Annotated[float | None, _knob("Folder-wide score percentile dropped.",
                                                        "noise_percentile")] = None,
+    self_train_rounds: Annotated[int | None, _knob(
+        "Rounds of fine-tuning anew on the last round's ranked instances (0 = off).",
+        "self_train_rounds")] = None,
     seed: Annotated[int | None, _knob("Random seed.", "seed")] = None,
     device: Annotated[str | None, _knob("auto, cpu, cuda or cuda:N.", "device")] = None,
     num_threads: Annotated[int | None, _knob("CPU threads (0 = all cores).",

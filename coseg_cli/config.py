@@ -102,6 +102,12 @@ class CosegConfig:
     # 0 = off (paper). Not in DeepCO3: see the `fast` preset for the measurement.
     consensus_power: float = 0.0
     noise_percentile: float = 20.0  # authors' code: drop instances below this folder percentile
+    # Self-training rounds (selftrain.py; not in DeepCO3): after stage 2 and the folder step, the
+    # network is fine-tuned anew on the ranked instances painted with their folder-normalised
+    # scores instead of the prior, then stage 2 runs again; 0 = off (paper). No cache key holds
+    # it: a round's targets enter its weights' key (train.priors_digest) and the weights the
+    # next stage 2's.
+    self_train_rounds: int = 0
     # --- runtime ---
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:i"
@@ -131,6 +137,8 @@ class CosegConfig:
         if self.infer_size < 0 or self.infer_size % NET_STRIDE != 0:
             raise ConfigError("infer_size must be 0 (= image_size) or a positive multiple of "
                               f"{NET_STRIDE}, got {self.infer_size}")
+        if self.self_train_rounds < 0:
+            raise ConfigError(f"self_train_rounds must be >= 0, got {self.self_train_rounds}")
         if self.max_peaks < 0:
             raise ConfigError(f"max_peaks must be >= 0 (0 = no cap), got {self.max_peaks}")
         if self.image_size % NET_STRIDE != 0:

@@ -1,7 +1,9 @@
 """Orchestration only: priors → proposals → fine-tuning → stage 2 per image (instances.py) →
-folder-wide selection. Each stage's result is cached under a key built from the config fields
-the stage declares (its module's CONFIG_FIELDS) and the keys of the stages it consumes, so a
-re-run resumes where the last one stopped and a changed option recomputes what it changes.
+folder-wide selection; with `self_train_rounds`, fine-tuning → stage 2 → selection again on
+targets made from the last selection (selftrain.py). Each stage's result is cached under a key
+built from the config fields the stage declares (its module's CONFIG_FIELDS) and the keys of the
+stages it consumes, so a re-run resumes where the last one stopped and a changed option
+recomputes what it changes.
 
 Each image's co-saliency map and instances go to a sink (records.ResultSink) as soon as they are
 final: across the folder only what the folder-wide step needs is held (candidate scores and
@@ -21,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from . import coco, saliency, train, weights
+from . import coco, saliency, selftrain, train, weights
 from . import instances as instances_mod
 from . import model as model_mod
 from . import peaks as peaks_mod
@@ -210,12 +212,13 @@ class _ProposalPrefetch:
 
 def _stage2(net: model_mod.CoSegNet, records: Sequence[ImageRecord], works: list[np.ndarray],
             priors: list[np.ndarray], cfg: CosegConfig, device: Any, cache: StageCache,
-            sink: ResultSink, timings: dict[str, float], progress: Progress | None,
+            sink: ResultSink | None, timings: dict[str, float], progress: Progress | None,
             backprop_chunk: int, prefetch: _ProposalPrefetch
             ) -> tuple[list[instances_mod.Candidates], list[list[coco.Rle]], list[float]]:
     """Proposals and stage 2 per image; each co-saliency map goes to `sink` (at image
-    resolution) as soon as it is known. Adds the two stages' seconds (sink excluded) to
-    `timings`; proposals count the time spent waiting for them.
+    resolution) as soon as it is known (None: a self-training round before the last, whose maps
+    are not results). Adds the two stages' seconds (sink excluded) to `timings`; proposals
+    count the time spent waiting for them.
 
     Returns:
         per image: its candidates without the map (cosal float32[0,0]: the folder-wide step
@@ -239,15 +242,18 @@ def _stage2(net: model_mod.CoSegNet, records: Sequence[ImageRecord], works: list
                                   backprop_chunk)
         kept.append(coco.encode_masks(masks[cand.prop_idx]))
         del masks  # all N proposals, bool[N,h,w]: only the kept candidates' RLE stays
-        cosal = cosaliency_at(cand.cosal, rec.shape)
-        means.append(float(np.mean(cosal)))
         per_image.append(replace(cand, cosal=np.zeros((0, 0), np.float32)))
-        t_inst += time.perf_counter() - t
-        sink.add_cosaliency(i, cosal)
-        del cosal
+        if sink is not None:
+            cosal = cosaliency_at(cand.cosal, rec.shape)
+            means.append(float(np.mean(cosal)))
+            t_inst += time.perf_counter() - t
+            sink.add_cosaliency(i, cosal)
+            del cosal
+        else:
+            t_inst += time.perf_counter() - t
         _notify(progress, "instances", i + 1, len(works))
-    timings["proposals"] = t_prop
-    timings["instances"] = t_inst
+    timings["proposals"] = timings.get("proposals", 0.0) + t_prop
+    timings["instances"] = timings.get("instances", 0.0) + t_inst
     return per_image, kept, means
 
 
@@ -344,20 +350,28 @@ def cosegment_into(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path |
         timings["prior"] = time.perf_counter() - t
 
         prefetch = _ProposalPrefetch(works, priors, sha1s, cfg, cache)
+        targets = priors
+        timings["train"] = timings["select"] = 0.0
         try:
             prefetch.start(0)  # the first image's proposals while the network fine-tunes
-            t = time.perf_counter()
-            net, report, winfo = finetuned_model(works, priors, sha1s, cfg, device, cache_dir,
-                                                 weights_path, progress)
-            timings["train"] = time.perf_counter() - t
-            per_image, kept, means = _stage2(net, records, works, priors, cfg, device, cache,
-                                             sink, timings, progress, backprop_chunk, prefetch)
+            for round_ in range(cfg.self_train_rounds + 1):
+                last = round_ == cfg.self_train_rounds
+                t = time.perf_counter()
+                net, report, winfo = finetuned_model(works, targets, sha1s, cfg, device,
+                                                     cache_dir, weights_path, progress)
+                timings["train"] += time.perf_counter() - t
+                per_image, kept, means = _stage2(net, records, works, priors, cfg, device,
+                                                 cache, sink if last else None, timings,
+                                                 progress, backprop_chunk, prefetch)
+                t = time.perf_counter()
+                selected = instances_mod.select_folder(per_image, cfg)
+                if not last:  # the next round fine-tunes anew on what this one found
+                    targets = selftrain.pseudo_labels(kept, selected,
+                                                      [w.shape[:2] for w in works])
+                timings["select"] += time.perf_counter() - t
         finally:
             prefetch.close()
 
-        t = time.perf_counter()
-        selected = instances_mod.select_folder(per_image, cfg)
-        timings["select"] = time.perf_counter() - t
         counts, timings["select"] = _send_instances(records, works, per_image, kept, selected,
                                                     sink, timings["select"])
         timings["total"] = time.perf_counter() - started

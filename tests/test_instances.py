@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from coseg_cli import instances, pipeline, proposals, saliency, train
+from coseg_cli import instances, pipeline, proposals, saliency, selftrain, train
 from coseg_cli.coco import mask_iou
 from coseg_cli.config import PRESETS, RUNTIME_FIELDS, CosegConfig
 from coseg_cli.ranking import commonness, nms_by_iou
@@ -179,7 +179,7 @@ def _keys(cfg: CosegConfig) -> dict[str, str]:
 
 _DECLARED = {"prior": saliency.CONFIG_FIELDS, "proposals": proposals.CONFIG_FIELDS,
              "train": train.TRAIN_FIELDS, "instances": instances.CONFIG_FIELDS,
-             "select": instances.SELECT_FIELDS}
+             "select": instances.SELECT_FIELDS, "selftrain": selftrain.CONFIG_FIELDS}
 # what each stage consumes: a change upstream must reach its key
 _UPSTREAM = {"prior": (), "proposals": ("prior",), "train": (), "instances": ("proposals",
                                                                               "train")}
