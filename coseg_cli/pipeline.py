@@ -243,14 +243,13 @@ def _stage2(net: model_mod.CoSegNet, records: Sequence[ImageRecord], works: list
         kept.append(coco.encode_masks(masks[cand.prop_idx]))
         del masks  # all N proposals, bool[N,h,w]: only the kept candidates' RLE stays
         per_image.append(replace(cand, cosal=np.zeros((0, 0), np.float32)))
-        if sink is not None:
-            cosal = cosaliency_at(cand.cosal, rec.shape)
+        cosal = None if sink is None else cosaliency_at(cand.cosal, rec.shape)
+        if cosal is not None:
             means.append(float(np.mean(cosal)))
-            t_inst += time.perf_counter() - t
+        t_inst += time.perf_counter() - t
+        if sink is not None:
             sink.add_cosaliency(i, cosal)
-            del cosal
-        else:
-            t_inst += time.perf_counter() - t
+        del cosal
         _notify(progress, "instances", i + 1, len(works))
     timings["proposals"] = timings.get("proposals", 0.0) + t_prop
     timings["instances"] = timings.get("instances", 0.0) + t_inst
