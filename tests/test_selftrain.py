@@ -47,8 +47,13 @@ def test_a_self_training_round_fine_tunes_on_the_first_rounds_instances(monkeypa
     cfg = preset_config(image_size=64, epochs=1, max_proposals=40, work_max_side=96,
                         device="cpu", seed=0, prior="spectral_residual", infer_size=64,
                         num_threads=1)
-    trained_on, made = [], []
+    trained_on, made, proposed_from = [], [], []
     finetune, labels = pipeline.finetuned_model, selftrain.pseudo_labels
+    proposals = pipeline.compute_proposals
+
+    def recording_proposals(img, prior, *args, **kwargs):
+        proposed_from.append(prior.copy())
+        return proposals(img, prior, *args, **kwargs)
 
     def recording_finetune(works, targets, *args, **kwargs):
         trained_on.append([t.copy() for t in targets])
@@ -60,6 +65,7 @@ def test_a_self_training_round_fine_tunes_on_the_first_rounds_instances(monkeypa
 
     monkeypatch.setattr(pipeline, "finetuned_model", recording_finetune)
     monkeypatch.setattr(selftrain, "pseudo_labels", recording_labels)
+    monkeypatch.setattr(pipeline, "compute_proposals", recording_proposals)
     imgs = [blob_image(64, seed=i) for i in range(3)]
     once = pipeline.cosegment(imgs, cfg)
     assert len(trained_on) == 1 and not made
@@ -70,6 +76,9 @@ def test_a_self_training_round_fine_tunes_on_the_first_rounds_instances(monkeypa
         assert target.max() <= 1.0 and not np.array_equal(target, prior)
     for got, want in zip(trained_on[2], made[0]):
         np.testing.assert_array_equal(got, want)
+    assert len(proposed_from) == 3 + 2 * 3  # each round of each run asks for every image's
+    for n, prior in enumerate(proposed_from):
+        np.testing.assert_array_equal(prior, trained_on[0][n % 3])  # always from the prior
     assert any(t.max() == 1.0 for t in made[0])  # the folder's best instance
     assert len(twice.cosaliency) == len(once.cosaliency) == 3
     assert {i.image_index for i in twice.instances} == {0, 1, 2}
