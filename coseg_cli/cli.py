@@ -177,6 +177,9 @@ def run(
     common_aggregate: Annotated[str | None, _knob(
         "common: mean or median of a candidate's best matches over the other images.",
         "common_aggregate")] = None,
+    ddt_negative_weight: Annotated[float | None, _knob(
+        "common: score factor on the background side of the folder's DDT direction (1 = off).",
+        "ddt_negative_weight")] = None,
     consensus_power: Annotated[float | None, _knob(
         "Exponent of the cross-image consensus factor on scores (0 = off).",
         "consensus_power")] = None,

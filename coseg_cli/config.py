@@ -102,6 +102,11 @@ class CosegConfig:
     # 0 = off (paper). Not in DeepCO3: see the `fast` preset for the measurement.
     consensus_power: float = 0.0
     noise_percentile: float = 20.0  # authors' code: drop instances below this folder percentile
+    # "common": multiplier of the final score of a candidate on the background side of the
+    # folder's DDT direction (Wei et al., IJCAI 2017: the first principal component of every
+    # pool5 descriptor of the folder, its sign set by the commonness seeds;
+    # ranking.ddt_direction); 1 = off (paper). Not in DeepCO3: see the `fast` preset.
+    ddt_negative_weight: float = 1.0
     # Self-training rounds (selftrain.py; not in DeepCO3): after stage 2 and the folder step, the
     # network is fine-tuned anew on the ranked instances painted with their folder-normalised
     # scores instead of the prior, then stage 2 runs again; 0 = off (paper). No cache key holds
@@ -158,6 +163,9 @@ class CosegConfig:
             raise ConfigError(f"consensus_power must be >= 0, got {self.consensus_power}")
         if self.rank_cosal_power < 0:
             raise ConfigError(f"rank_cosal_power must be >= 0, got {self.rank_cosal_power}")
+        if self.ddt_negative_weight > 1.0:
+            raise ConfigError("ddt_negative_weight must be in [0, 1] (1 = off), got "
+                              f"{self.ddt_negative_weight}")
         if not 0.0 <= self.noise_percentile < 100.0:
             raise ConfigError(f"noise_percentile must be in [0, 100), got {self.noise_percentile}")
         if not 0.0 <= self.min_area_frac < self.max_area_frac <= 1.0:
@@ -240,6 +248,10 @@ PRESETS: dict[str, CosegConfig] = {
         # best measured prior overall (benchmarks/priors.py, coco-dev 294 images): max F-β 0.203
         # vs 0.185 fusion / 0.185 u2netp alone; uses U²-Net-p, TRAINED on saliency labels
         prior="fusion_u2netp",
+        # DDT gate: all 36 coco-dev categories, trained prior, 9.12 / 4.33 → 9.45 / 4.40
+        # mAP^r@.25 / @.5 (26 categories better, 8 worse @.25); weights 0–0.5 gave the same
+        # within 0.04 (BENCHMARKS.md, issue 11 session 7)
+        ddt_negative_weight=0.1,
     ),
 }
 DEFAULT_PRESET = "fast"

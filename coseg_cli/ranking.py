@@ -303,3 +303,55 @@ def commonness(embeddings: list[np.ndarray], seeds: list[np.ndarray], aggregate:
                 if b != a and len(sb) and len(ea)]
         out.append(np.clip(reduce(best, axis=0), 0.0, 1.0) if best else np.ones(len(ea)))
     return out
+
+
+def ddt_direction(feature_maps: Sequence[np.ndarray], anchors: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The folder's common-object direction, after DDT (Deep Descriptor Transforming, Wei et
+    al., IJCAI 2017): the first principal component of every grid cell's descriptor over all
+    images of the folder. What varies most across a folder of one category is whether a cell
+    shows a thing of it or not, so a descriptor's projection on it, around the folder's mean,
+    is positive on one side and negative on the other. The sign is DDT's open question: here
+    the side on which `anchors` (each image's most co-salient candidates) lie on average is
+    positive — what the fine-tuned network finds co-salient says which side holds the object,
+    whatever its size; without anchors (or a tie), the side with fewer cells (an object covers
+    less of a photo than the rest).
+
+    Sums are accumulated image by image (float64), so memory does not grow with the folder
+    beyond the maps themselves.
+
+    Args:
+        feature_maps: per image, float[L_i,C] descriptors, one row per grid cell (L_i may be 0).
+        anchors: float[K,C] descriptors that should project positively (K may be 0).
+
+    Returns:
+        (mean float64[C], unit direction float64[C]), or None when no image has a cell.
+    """
+    maps = [m for m in feature_maps if len(m)]
+    if not maps:
+        return None
+    count = sum(len(m) for m in maps)
+    total = np.zeros(maps[0].shape[1])
+    scatter = np.zeros((maps[0].shape[1],) * 2)
+    for m in maps:
+        m64 = np.asarray(m, np.float64)
+        total += m64.sum(axis=0)
+        scatter += m64.T @ m64
+    mean = total / count
+    _, vecs = np.linalg.eigh(scatter / count - np.outer(mean, mean))
+    direction = vecs[:, -1]
+    side = float(ddt_indicator(anchors, mean, direction).mean()) if len(anchors) else 0.0
+    if side == 0.0:
+        side = count - 2 * sum(int((ddt_indicator(m, mean, direction) > 0).sum()) for m in maps)
+    return mean, (direction if side > 0 else -direction)
+
+
+def ddt_indicator(descriptors: np.ndarray, mean: np.ndarray, direction: np.ndarray
+                  ) -> np.ndarray:
+    """float64[M]: each descriptor's projection on the DDT direction around the folder's mean
+    (`ddt_direction`); for a mask's mean descriptor, the mean of DDT's indicator map inside it.
+
+    Args:
+        descriptors: float[M,C].
+    """
+    return (np.asarray(descriptors, np.float64).reshape(-1, len(mean)) - mean) @ direction

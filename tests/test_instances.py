@@ -1,4 +1,4 @@
-"""Stage 2 "common" ranking by hand: co-saliency contrast, NMS, commonness, the folder step;
+"""Stage 2 "common" ranking by hand: co-saliency contrast, NMS, commonness, DDT, the folder step;
 and the stage cache keys: a changed option changes exactly the keys of the stages that use it."""
 
 from __future__ import annotations
@@ -7,10 +7,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
-from coseg_cli import instances, pipeline, proposals, saliency, selftrain, train
+from coseg_cli import instances, pipeline, proposals, ranking, saliency, selftrain, train
 from coseg_cli.coco import mask_iou
 from coseg_cli.config import PRESETS, RUNTIME_FIELDS, CosegConfig
+from coseg_cli.errors import ConfigError
 from coseg_cli.ranking import commonness, nms_by_iou
 
 
@@ -109,13 +111,17 @@ def test_nms_by_iou_hand_case() -> None:
         nms_by_iou(np.zeros(2), iou, iou_thresh=0.5, max_keep=3)
 
 
-def _cands(scores: list[float], emb: np.ndarray, overlaps: np.ndarray | None = None
+def _cands(scores: list[float], emb: np.ndarray, overlaps: np.ndarray | None = None,
+           descriptors: np.ndarray | None = None, cells: np.ndarray | None = None
            ) -> instances.Candidates:
     n = len(scores)
     return instances.Candidates(
         cosal=np.zeros((4, 4), np.float32), peaks_xy=np.zeros((n, 2), np.int64),
         prop_idx=np.arange(n), scores=np.array(scores, np.float32), embeddings=emb,
-        overlaps=np.eye(n, dtype=np.float32) if overlaps is None else overlaps)
+        overlaps=np.eye(n, dtype=np.float32) if overlaps is None else overlaps,
+        descriptors=emb if descriptors is None else descriptors,
+        feature_map=(np.zeros((0, emb.shape[1]), np.float16) if cells is None
+                     else cells.astype(np.float16)))
 
 
 def test_select_folder_common_multiplies_by_commonness() -> None:
@@ -160,6 +166,70 @@ def test_select_folder_common_ranks_by_commonness_before_nms() -> None:
     np.testing.assert_allclose(s0, [1.0])
     np.testing.assert_array_equal(order1, [1])
     np.testing.assert_allclose(s1, [0.5])
+
+
+def _cells(num_object: int, num_background: int, seed: int) -> np.ndarray:
+    """Grid cells of one image: background cells scatter a little around [1, 1, 0], object
+    cells sit at [1, 1, 3] (the direction of largest variance across the folder is e2)."""
+    rng = np.random.default_rng(seed)
+    bg = np.array([1.0, 1.0, 0.0]) + 0.1 * rng.standard_normal((num_background, 3))
+    obj = np.tile([1.0, 1.0, 3.0], (num_object, 1))
+    return np.concatenate([obj, bg])
+
+
+def test_ddt_direction_is_oriented_by_the_anchors_else_by_the_minority() -> None:
+    maps = [_cells(3, 17, 0), _cells(2, 18, 1), np.zeros((0, 3))]
+    obj, bg = np.array([[1.0, 1.0, 3.0]]), np.array([[1.0, 1.0, 0.0]])
+    for anchors, object_sign in ((obj, 1), (bg, -1), (np.zeros((0, 3)), 1)):
+        mean, direction = ranking.ddt_direction(maps, anchors)
+        np.testing.assert_allclose(mean, np.concatenate(maps).mean(0))
+        assert abs(direction[2]) > 0.99  # the axis that separates object from background
+        for m, n_obj in zip(maps, (3, 2)):
+            p = ranking.ddt_indicator(m, mean, direction) * object_sign
+            assert (p[:n_obj] > 0).all() and (p[n_obj:] < 0).all()
+    # without anchors the side with fewer cells is positive: with the "object" covering most of
+    # every image, it is the background's side, whichever sign the eigen-solver returns
+    big = [np.concatenate([np.tile([1.0, 1.0, 3.0], (17, 1)), m[3:6]]) for m in maps[:2]]
+    mean, direction = ranking.ddt_direction(big, np.zeros((0, 3)))
+    p = ranking.ddt_indicator(big[0], mean, direction)
+    assert (p[:17] < 0).all() and (p[17:] > 0).all()
+    assert ranking.ddt_direction([np.zeros((0, 3))], obj) is None
+
+
+def test_select_folder_common_demotes_the_background_side_of_ddt() -> None:
+    """Per image a background-like candidate with the best contrast and an object-like one:
+    both are seeds (they orient the direction: the object's projection is the larger), the
+    background one lies on the negative side and is multiplied by `ddt_negative_weight`,
+    dropping behind; weight 1 leaves the order alone."""
+    e = np.full((2, 3), 1 / np.sqrt(3), np.float32)  # identical embeddings: commonness 1
+    desc = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 3.0]], np.float32)  # background, object
+    imgs = [_cands([1.0, 0.9], e, descriptors=desc, cells=_cells(3, 17, s)) for s in (0, 1)]
+    cfg = dataclasses.replace(PRESETS["fast"], common_seeds=2, ddt_negative_weight=0.25)
+    for order, scores in instances.select_folder(imgs, cfg):
+        np.testing.assert_array_equal(order, [1, 0])
+        np.testing.assert_allclose(scores, [0.9, 0.25], rtol=1e-6)
+    off = dataclasses.replace(cfg, ddt_negative_weight=1.0)
+    for order, scores in instances.select_folder(imgs, off):
+        np.testing.assert_array_equal(order, [0, 1])
+        np.testing.assert_allclose(scores, [1.0, 0.9], rtol=1e-6)
+    with pytest.raises(ConfigError, match="ddt_negative_weight"):
+        dataclasses.replace(cfg, ddt_negative_weight=1.5)
+
+
+def test_mask_features_average_raw_and_normalised_cells() -> None:
+    feats = torch.zeros(1, 2, 2, 2)
+    feats[0, 0, 0, 0], feats[0, 1, 1, 1] = 4.0, 2.0  # cell (0,0) = [4,0], cell (1,1) = [0,2]
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, :2, :2] = True  # covers cell (0,0)
+    masks[1, :, :] = True  # all four cells
+    emb, desc = instances.mask_features(feats, masks)
+    np.testing.assert_allclose(desc, [[4.0, 0.0], [1.0, 0.5]], atol=1e-6)
+    np.testing.assert_allclose(emb[0], [1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(emb[1], np.array([1.0, 1.0]) / np.sqrt(2), atol=1e-3)  # F̂ has an ε
+    cells = instances.feature_cells(feats)
+    assert cells.dtype == np.float16 and cells.shape == (4, 2)
+    np.testing.assert_array_equal(cells[0], [4.0, 0.0])
+    np.testing.assert_array_equal(cells[3], [0.0, 2.0])
 
 
 # ---------------------------------------------------------------- stage cache keys
