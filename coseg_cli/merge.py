@@ -70,7 +70,9 @@ def read_result(folder: Path, name: str | None = None) -> ResultFolder:
                          f"{' and '.join(RESULT_FILES)})")
     data = read_dataset(folder / "instances.json")
     read_manifest(folder)  # a well-formed manifest, or an InputError naming what is wrong
-    cats = [c.get("name") for c in data.get("categories", []) if isinstance(c, dict)]
+    listed = data.get("categories")  # optional, as for `coseg eval`: not a list = absent
+    cats = [c.get("name") for c in (listed if isinstance(listed, list) else [])
+            if isinstance(c, dict)]
     category = str(cats[0]) if len(cats) == 1 and cats[0] else folder.resolve().name
     return ResultFolder(name or _safe_name(category), folder, category, len(data["images"]),
                         len(data["annotations"]))

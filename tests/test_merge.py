@@ -190,6 +190,19 @@ def test_merge_single_folder_outputs_by_category_and_combines_one_category(tmp_p
     assert combined_coco(find_results(out)[0])["images"] == combined["images"]
 
 
+def test_merge_reads_a_result_whose_categories_are_not_a_list(tmp_path):
+    """`"categories": null` (or any non-list) counts as absent, as `coseg eval` reads it: the
+    result is named after its folder instead of failing with a traceback (found by
+    test_fuzz's merge property)."""
+    folder = _result(tmp_path / "runs" / "kite", "kite", 1)
+    data = json.loads((folder / "instances.json").read_text())
+    for odd in (None, "kite", {"name": "kite"}):
+        data["categories"] = odd
+        (folder / "instances.json").write_text(json.dumps(data))
+        found, _ = find_results(folder)
+        assert [(r.name, r.category) for r in found] == [("kite", "kite")]
+
+
 def test_merge_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
         merge_outputs([tmp_path / "nope"], tmp_path / "o")
