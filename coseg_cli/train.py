@@ -101,9 +101,30 @@ def _optimizer(model: CoSegNet, cfg: CosegConfig) -> torch.optim.Optimizer:
                             fused=True)
 
 
+def frozen_trunk(model: CoSegNet, x_all: torch.Tensor, chunk: int, device: torch.device
+                 ) -> torch.Tensor | None:
+    """The trunk's output (pool5) for every image, computed once, when no trunk layer trains
+    (`freeze_until` conv5_3): its forward pass then gives the same features at every step, and
+    recomputing them each step would be nearly all of the fine-tuning's cost. None otherwise.
+
+    Args:
+        x_all: float32[N,3,S,S] preprocessed images (CPU). chunk: images per forward pass.
+
+    Returns:
+        float32[N,512,S/32,S/32] on `device`, or None.
+    """
+    if any(p.requires_grad for p in model.features.parameters()):
+        return None
+    with torch.no_grad():
+        return torch.cat([model.features(x_all[s:s + chunk].to(device))
+                          for s in range(0, len(x_all), chunk)])
+
+
 def _step(model: CoSegNet, opt: torch.optim.Optimizer, x: torch.Tensor, pri: torch.Tensor,
-          cfg: CosegConfig, epoch: int, step: int) -> dict[str, float]:
-    """One optimiser step on one batch (x: float32[B,3,S,S], pri: float32[B,1,S,S]).
+          cfg: CosegConfig, epoch: int, step: int, from_trunk: bool = False
+          ) -> dict[str, float]:
+    """One optimiser step on one batch (x: float32[B,3,S,S], or the trunk's output for it when
+    `from_trunk` (`frozen_trunk`); pri: float32[B,1,S,S]).
 
     Returns:
         The batch's value of each term in LOSS_TERMS.
@@ -111,7 +132,11 @@ def _step(model: CoSegNet, opt: torch.optim.Optimizer, x: torch.Tensor, pri: tor
     Raises:
         TrainingError: a NaN/inf loss, naming the epoch and the step (`step` is 1-based).
     """
-    feats, logits = model(x)
+    if from_trunk:
+        feats = model.head(x)
+        logits = model.saliency(feats)
+    else:
+        feats, logits = model(x)
     loss, parts = total_loss(feats, logits, pri, lambda_copeak=cfg.lambda_copeak,
                              lambda_affinity=cfg.lambda_affinity, alpha=cfg.affinity_alpha)
     value = float(loss.detach())
@@ -162,6 +187,7 @@ def finetune(
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(dev).train()
     opt = _optimizer(model, cfg)
+    trunk = frozen_trunk(model, x_all, cfg.batch_images, dev)
     total_steps = math.ceil(len(images) / cfg.batch_images) * cfg.epochs
     report = TrainReport(device=str(dev))
     step = 0
@@ -172,8 +198,10 @@ def finetune(
             batches = make_batches(len(images), cfg.batch_images, gen)
             for batch in batches:
                 idx = torch.tensor(batch)
-                terms = _step(model, opt, x_all[idx].to(dev, non_blocking=True),
-                              p_all[idx].to(dev, non_blocking=True), cfg, epoch, step + 1)
+                inputs = (trunk[idx.to(dev)] if trunk is not None
+                          else x_all[idx].to(dev, non_blocking=True))
+                terms = _step(model, opt, inputs, p_all[idx].to(dev, non_blocking=True), cfg,
+                              epoch, step + 1, from_trunk=trunk is not None)
                 step += 1
                 for k, v in terms.items():
                     sums[k] += v
@@ -272,6 +300,7 @@ __all__ = [
     "LOSS_TERMS",
     "TrainReport",
     "finetune",
+    "frozen_trunk",
     "load_or_finetune",
     "make_batches",
     "priors_digest",

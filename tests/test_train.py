@@ -54,6 +54,38 @@ def test_seeded_cpu_runs_are_bit_identical():
     assert not torch.equal(a["saliency.weight"], torch.zeros_like(a["saliency.weight"]))
 
 
+def test_frozen_trunk_is_computed_once_and_trains_the_same_head(monkeypatch):
+    """With every trunk layer frozen, pool5 is computed once per image instead of once per
+    step, and the head ends where recomputing it every step would take it."""
+    images, priors = _tiny_folder(6)
+    cfg = dataclasses.replace(TINY, freeze_until="conv5_3", epochs=3, head_lr=1e-2)
+    calls = []
+
+    def run(cached: bool) -> tuple[dict[str, torch.Tensor], list]:
+        net = M.build_model(cfg, _random_state())
+        net.features.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        if not cached:
+            monkeypatch.setattr(T, "frozen_trunk", lambda *a: None)
+        calls.clear()
+        report = T.finetune(net, images, priors, cfg, device="cpu")
+        monkeypatch.undo()
+        return net.state_dict(), report.history
+
+    cached, h_cached = run(True)
+    assert calls == [4, 2]  # 6 images in chunks of batch_images, once
+    fresh, h_fresh = run(False)
+    assert len(calls) == 6  # 2 batches a epoch × 3 epochs, each through the trunk
+    assert torch.equal(cached["features.0.weight"], fresh["features.0.weight"])
+    for key in ("saliency.weight", "saliency.bias"):
+        assert not torch.equal(cached[key], torch.zeros_like(cached[key]))
+        torch.testing.assert_close(cached[key], fresh[key], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([h["total"] for h in h_cached], [h["total"] for h in h_fresh],
+                               rtol=1e-4)
+    # one trainable trunk layer: no cache
+    net = M.build_model(dataclasses.replace(cfg, freeze_until="conv4_3"), _random_state())
+    assert T.frozen_trunk(net, torch.zeros(2, 3, 64, 64), 4, torch.device("cpu")) is None
+
+
 def test_nan_loss_names_the_epoch():
     images, priors = _tiny_folder()
     priors[0] = np.full_like(priors[0], np.nan)
