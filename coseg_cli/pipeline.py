@@ -243,8 +243,9 @@ def _stage2(net: model_mod.CoSegNet, records: Sequence[ImageRecord], works: list
         kept.append(coco.encode_masks(masks[cand.prop_idx]))
         del masks  # all N proposals, bool[N,h,w]: only the kept candidates' RLE stays
         per_image.append(replace(cand, cosal=np.zeros((0, 0), np.float32)))
-        cosal = None if sink is None else cosaliency_at(cand.cosal, rec.shape)
-        if cosal is not None:
+        cosal = None
+        if sink is not None:
+            cosal = cosaliency_at(cand.cosal, rec.shape)
             means.append(float(np.mean(cosal)))
         t_inst += time.perf_counter() - t
         if sink is not None:
