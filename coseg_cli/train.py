@@ -25,6 +25,10 @@ from .runtime import atomic_write_bytes, config_key
 log = logging.getLogger(__name__)
 
 LOSS_TERMS = ("total", "saliency", "copeak", "affinity")
+# `frozen_prefix` cache ceiling: the `fast` preset's (pool3, 320 px) is 1.6 MB a photo, 0.26 GB
+# for 160 photos, inside the 4 GB that benchmarks/scale.py checks; an earlier split or a larger
+# size on a big folder recomputes the prefix each step instead.
+FROZEN_PREFIX_MAX_BYTES = 1 << 30
 # Config fields that change the fine-tuned weights (device and threads only change rounding).
 TRAIN_FIELDS = ("image_size", "epochs", "batch_images", "lr", "head_lr", "weight_decay",
                 "lambda_copeak", "lambda_affinity", "affinity_alpha", "feature_layer",
@@ -101,30 +105,43 @@ def _optimizer(model: CoSegNet, cfg: CosegConfig) -> torch.optim.Optimizer:
                             fused=True)
 
 
-def frozen_trunk(model: CoSegNet, x_all: torch.Tensor, chunk: int, device: torch.device
-                 ) -> torch.Tensor | None:
-    """The trunk's output (pool5) for every image, computed once, when no trunk layer trains
-    (`freeze_until` conv5_3): its forward pass then gives the same features at every step, and
-    recomputing them each step would be nearly all of the fine-tuning's cost. None otherwise.
+def frozen_prefix(model: CoSegNet, x_all: torch.Tensor, chunk: int, device: torch.device,
+                  max_bytes: int = FROZEN_PREFIX_MAX_BYTES) -> tuple[int, torch.Tensor] | None:
+    """The output of the trunk's frozen prefix (`freeze_until`, with the parameter-free layers
+    that follow it) for every image, computed once. No layer in it trains and the model has
+    no dropout or batch statistics, so it gives the same activations at every step, and
+    recomputing them each step is wasted work: with conv1_1 … conv3_3 frozen (the `fast`
+    preset) about 60 % of the forward FLOPs, with the whole trunk frozen nearly all of the
+    fine-tuning's cost.
 
     Args:
         x_all: float32[N,3,S,S] preprocessed images (CPU). chunk: images per forward pass.
+        max_bytes: no cache when the activations would take more (an early split on a large
+            folder at a large size), so memory stays bounded by the batch instead.
 
     Returns:
-        float32[N,512,S/32,S/32] on `device`, or None.
+        (index of the first `model.features` layer that trains, or its length when none does;
+        float32[N,C,h,w] activations entering that layer, on `device`), or None when conv1_1
+        trains or the cache would exceed `max_bytes`.
     """
-    if any(p.requires_grad for p in model.features.parameters()):
+    start = next((i for i, layer in enumerate(model.features)
+                  if any(p.requires_grad for p in layer.parameters())), len(model.features))
+    if start == 0:
         return None
+    prefix = model.features[:start]
+    parts: list[torch.Tensor] = []
     with torch.no_grad():
-        return torch.cat([model.features(x_all[s:s + chunk].to(device))
-                          for s in range(0, len(x_all), chunk)])
+        for s in range(0, len(x_all), chunk):
+            parts.append(prefix(x_all[s:s + chunk].to(device)))
+            if parts[0][0].numel() * parts[0].element_size() * len(x_all) > max_bytes:
+                return None
+    return start, torch.cat(parts)
 
 
 def _step(model: CoSegNet, opt: torch.optim.Optimizer, x: torch.Tensor, pri: torch.Tensor,
-          cfg: CosegConfig, epoch: int, step: int, from_trunk: bool = False
-          ) -> dict[str, float]:
-    """One optimiser step on one batch (x: float32[B,3,S,S], or the trunk's output for it when
-    `from_trunk` (`frozen_trunk`); pri: float32[B,1,S,S]).
+          cfg: CosegConfig, epoch: int, step: int, start: int = 0) -> dict[str, float]:
+    """One optimiser step on one batch (x: float32[B,3,S,S] images, or when `start` > 0 the
+    activations entering `model.features[start]` (`frozen_prefix`); pri: float32[B,1,S,S]).
 
     Returns:
         The batch's value of each term in LOSS_TERMS.
@@ -132,8 +149,8 @@ def _step(model: CoSegNet, opt: torch.optim.Optimizer, x: torch.Tensor, pri: tor
     Raises:
         TrainingError: a NaN/inf loss, naming the epoch and the step (`step` is 1-based).
     """
-    if from_trunk:
-        feats = model.head(x)
+    if start:
+        feats = model.head(model.features[start:](x))
         logits = model.saliency(feats)
     else:
         feats, logits = model(x)
@@ -187,7 +204,8 @@ def finetune(
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(dev).train()
     opt = _optimizer(model, cfg)
-    trunk = frozen_trunk(model, x_all, cfg.batch_images, dev)
+    cached = frozen_prefix(model, x_all, cfg.batch_images, dev)
+    start, x_all = cached if cached is not None else (0, x_all)
     total_steps = math.ceil(len(images) / cfg.batch_images) * cfg.epochs
     report = TrainReport(device=str(dev))
     step = 0
@@ -198,10 +216,9 @@ def finetune(
             batches = make_batches(len(images), cfg.batch_images, gen)
             for batch in batches:
                 idx = torch.tensor(batch)
-                inputs = (trunk[idx.to(dev)] if trunk is not None
-                          else x_all[idx].to(dev, non_blocking=True))
-                terms = _step(model, opt, inputs, p_all[idx].to(dev, non_blocking=True), cfg,
-                              epoch, step + 1, from_trunk=trunk is not None)
+                terms = _step(model, opt, x_all[idx.to(x_all.device)].to(dev, non_blocking=True),
+                              p_all[idx].to(dev, non_blocking=True), cfg, epoch, step + 1,
+                              start)
                 step += 1
                 for k, v in terms.items():
                     sums[k] += v
@@ -300,7 +317,7 @@ __all__ = [
     "LOSS_TERMS",
     "TrainReport",
     "finetune",
-    "frozen_trunk",
+    "frozen_prefix",
     "load_or_finetune",
     "make_batches",
     "priors_digest",

@@ -54,18 +54,20 @@ def test_seeded_cpu_runs_are_bit_identical():
     assert not torch.equal(a["saliency.weight"], torch.zeros_like(a["saliency.weight"]))
 
 
-def test_frozen_trunk_is_computed_once_and_trains_the_same_head(monkeypatch):
-    """With every trunk layer frozen, pool5 is computed once per image instead of once per
-    step, and the head ends where recomputing it every step would take it."""
+@pytest.mark.parametrize("until, first_trained", [("conv3_3", 17), ("conv5_3", 31)])
+def test_frozen_prefix_is_computed_once_and_trains_the_same_weights(monkeypatch, until,
+                                                                      first_trained):
+    """The frozen prefix of the trunk runs once per image instead of once per step, and the
+    fine-tuning ends on the weights that recomputing it every step gives."""
     images, priors = _tiny_folder(6)
-    cfg = dataclasses.replace(TINY, freeze_until="conv5_3", epochs=3, head_lr=1e-2)
+    cfg = dataclasses.replace(TINY, freeze_until=until, epochs=3, head_lr=1e-2, lr=1e-3)
     calls = []
 
     def run(cached: bool) -> tuple[dict[str, torch.Tensor], list]:
         net = M.build_model(cfg, _random_state())
-        net.features.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        net.features[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
         if not cached:
-            monkeypatch.setattr(T, "frozen_trunk", lambda *a: None)
+            monkeypatch.setattr(T, "frozen_prefix", lambda *a: None)
         calls.clear()
         report = T.finetune(net, images, priors, cfg, device="cpu")
         monkeypatch.undo()
@@ -74,16 +76,26 @@ def test_frozen_trunk_is_computed_once_and_trains_the_same_head(monkeypatch):
     cached, h_cached = run(True)
     assert calls == [4, 2]  # 6 images in chunks of batch_images, once
     fresh, h_fresh = run(False)
-    assert len(calls) == 6  # 2 batches a epoch × 3 epochs, each through the trunk
-    assert torch.equal(cached["features.0.weight"], fresh["features.0.weight"])
-    for key in ("saliency.weight", "saliency.bias"):
-        assert not torch.equal(cached[key], torch.zeros_like(cached[key]))
+    assert len(calls) == 6  # 2 batches a epoch × 3 epochs, each through conv1_1
+    start = M.build_model(cfg, _random_state())
+    for key in cached:
         torch.testing.assert_close(cached[key], fresh[key], rtol=1e-4, atol=1e-6)
+    trained = [k for k in cached if not torch.equal(cached[k], start.state_dict()[k])]
+    assert "saliency.weight" in trained
+    assert all(int(k.split(".")[1]) >= first_trained for k in trained if k.startswith("features"))
     np.testing.assert_allclose([h["total"] for h in h_cached], [h["total"] for h in h_fresh],
                                rtol=1e-4)
-    # one trainable trunk layer: no cache
-    net = M.build_model(dataclasses.replace(cfg, freeze_until="conv4_3"), _random_state())
-    assert T.frozen_trunk(net, torch.zeros(2, 3, 64, 64), 4, torch.device("cpu")) is None
+
+
+def test_frozen_prefix_is_skipped_when_nothing_is_frozen_or_it_would_not_fit():
+    x = torch.zeros(3, 3, 64, 64)
+    net = M.build_model(dataclasses.replace(TINY, freeze_until="none"), _random_state())
+    assert T.frozen_prefix(net, x, 2, torch.device("cpu")) is None
+    net = M.build_model(dataclasses.replace(TINY, freeze_until="conv3_3"), _random_state())
+    start, acts = T.frozen_prefix(net, x, 2, torch.device("cpu"))
+    assert start == 17 and acts.shape == (3, 256, 8, 8)  # pool3's output, stride 8
+    torch.testing.assert_close(acts, net.features[:17](x))
+    assert T.frozen_prefix(net, x, 2, torch.device("cpu"), max_bytes=acts.nbytes - 1) is None
 
 
 def test_nan_loss_names_the_epoch():
