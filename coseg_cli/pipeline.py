@@ -52,7 +52,7 @@ from .runtime import (
 
 # Bump when a stage's code changes what it computes; its entries and those downstream are then
 # recomputed (every key holds the keys of the stages it consumes).
-CACHE_VERSION = {"prior": 1, "proposals": 2, "instances": 5}
+CACHE_VERSION = {"prior": 1, "proposals": 2, "instances": 6}
 
 
 def _fields(cfg: CosegConfig, names: Sequence[str]) -> dict[str, Any]:
