@@ -9,7 +9,9 @@ FLOPs are counted analytically from the 13 conv shapes (2·Cin·Cout·9·H·W pe
   backward = weight-gradient (= forward FLOPs) for each trainable conv, plus input-gradient
              (= forward FLOPs) for each conv whose input needs a gradient, i.e. that has a
              trainable conv before it. Frozen layers are a prefix, so they cost no backward at
-             all, and the first trainable conv costs 1× (weights only), the rest 2×.
+             all, and the first trainable conv costs 1× (weights only), the rest 2×. Their
+             forward runs once per image for the whole fine-tuning (train.frozen_prefix), so
+             it counts 1/epochs per image-epoch.
 The saliency head, losses, pools and ReLUs are not counted (< 0.1 % of the conv FLOPs).
 
 Usage: python benchmarks/train_speed.py [--epochs 2] [--sizes 448,320,224] [--threads N]
@@ -59,19 +61,24 @@ def matmul_peak(n: int = 4096, reps: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def train_flops_per_image(size: int, freeze_until: str) -> tuple[float, float]:
-    """(forward, forward+backward) FLOPs of one image through the 13 convs."""
+def train_flops_per_image(size: int, freeze_until: str, epochs: int = 1
+                          ) -> tuple[float, float]:
+    """(forward, forward+backward) FLOPs of one image through the 13 convs, per epoch of
+    `epochs`: the frozen prefix's forward runs once per image per fine-tuning
+    (`train.frozen_prefix`), so it is spread over the epochs."""
     last_frozen = -1
     if freeze_until != "none":
         last_frozen = list(M.CONV_LAYERS).index(freeze_until)
     fwd = bwd = 0.0
     for i, conv in enumerate(M.VGG16_CONVS):
         f = 2.0 * conv.in_channels * conv.out_channels * 9 * (size // conv.stride) ** 2
+        if i <= last_frozen:
+            fwd += f / epochs
+            continue
         fwd += f
-        if i > last_frozen:
-            bwd += f  # weight gradient
-            if i > last_frozen + 1:
-                bwd += f  # input gradient (a trainable conv lies upstream)
+        bwd += f  # weight gradient
+        if i > last_frozen + 1:
+            bwd += f  # input gradient (a trainable conv lies upstream)
     return fwd, fwd + bwd
 
 
@@ -89,7 +96,7 @@ def run_setting(size: int, freeze_until: str, epochs: int, batch: int) -> dict[s
                       freeze_until=freeze_until, device="cpu")
     report = T.finetune(net, images, priors, cfg, device="cpu")
     s_per_img = report.seconds / (epochs * batch)
-    _, flops = train_flops_per_image(size, freeze_until)
+    _, flops = train_flops_per_image(size, freeze_until, epochs)
     return {"s_per_img": s_per_img, "gflop_per_img": flops / 1e9,
             "gflops": flops / s_per_img / 1e9,
             "maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}

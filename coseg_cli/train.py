@@ -204,12 +204,12 @@ def finetune(
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(dev).train()
     opt = _optimizer(model, cfg)
+    t0 = time.perf_counter()
     cached = frozen_prefix(model, x_all, cfg.batch_images, dev)
     start, x_all = cached if cached is not None else (0, x_all)
     total_steps = math.ceil(len(images) / cfg.batch_images) * cfg.epochs
     report = TrainReport(device=str(dev))
     step = 0
-    t0 = time.perf_counter()
     with _signal_points(model):
         for epoch in range(1, cfg.epochs + 1):
             sums = dict.fromkeys(LOSS_TERMS, 0.0)
