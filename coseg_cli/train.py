@@ -133,8 +133,8 @@ def frozen_prefix(model: CoSegNet, x_all: torch.Tensor, chunk: int, device: torc
     with torch.no_grad():
         for s in range(0, len(x_all), chunk):
             parts.append(prefix(x_all[s:s + chunk].to(device)))
-            if parts[0][0].numel() * parts[0].element_size() * len(x_all) > max_bytes:
-                return None
+            if s == 0 and parts[0][0].nbytes * len(x_all) > max_bytes:
+                return None  # known from the first chunk, before the rest is computed
     return start, torch.cat(parts)
 
 
