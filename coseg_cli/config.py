@@ -228,7 +228,9 @@ PRESETS: dict[str, CosegConfig] = {
         preset="fast",
         image_size=320,  # wall time scales with pixels; 320² is 2× cheaper than 448²
         epochs=10,
-        freeze_until="conv3_3",  # halves the backward pass; low-level filters barely move
+        # halves the backward pass, and conv1–3's forward runs once per photo instead of once per
+        # step (train.frozen_prefix); low-level filters barely move
+        freeze_until="conv3_3",
         lr=1e-5,  # backbone: 1e-3 blew pool5 features up (logits ~ -2e4, an all-zero map)
         # head: 1e-4 left the map flat after 5–10 steps (logits within ±0.2); 1e-3 with 10 epochs
         # gave mAP^r@.25 14.9 on pizza/umbrella/teddy_bear vs 1.7 (BENCHMARKS.md)
