@@ -104,14 +104,16 @@ class CoSegNet(nn.Module):
         nn.init.zeros_(self.saliency.weight)
         nn.init.zeros_(self.saliency.bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Args: x float32[B,3,S,S] (ImageNet-normalised, S a multiple of 32).
+    def forward(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        """Args: x float32[B,3,S,S] (ImageNet-normalised, S a multiple of 32), or when `start`
+        > 0 the activations entering `features[start]` (train.frozen_prefix computed the
+        layers before it once).
 
         Returns:
             feats float32[B,C,S/32,S/32] (ReLU outputs, unnormalised) and
             logits float32[B,1,S/32,S/32] (saliency logits; S̃ = sigmoid(logits)).
         """
-        feats = self.head(self.features(x))
+        feats = self.head(self.features[start:](x))
         return feats, self.saliency(feats)
 
 

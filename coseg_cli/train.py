@@ -149,11 +149,7 @@ def _step(model: CoSegNet, opt: torch.optim.Optimizer, x: torch.Tensor, pri: tor
     Raises:
         TrainingError: a NaN/inf loss, naming the epoch and the step (`step` is 1-based).
     """
-    if start:
-        feats = model.head(model.features[start:](x))
-        logits = model.saliency(feats)
-    else:
-        feats, logits = model(x)
+    feats, logits = model(x, start)
     loss, parts = total_loss(feats, logits, pri, lambda_copeak=cfg.lambda_copeak,
                              lambda_affinity=cfg.lambda_affinity, alpha=cfg.affinity_alpha)
     value = float(loss.detach())
