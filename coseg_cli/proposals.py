@@ -79,6 +79,7 @@ _AREA_WEIGHT = (0.01, 0.02, 0.2, 0.6, 1.0, 1.0, 1.0, 0.6, 0.2, 0.05)
 _MAX_MASK_BYTES = 1 << 30  # cap on N·H·W of the returned masks (1 GiB; 12 MP photos keep ≤ 89)
 _PRIOR_STABILITY = 0.2
 _NEAR_DUP_POOL = 6  # near-duplicates are searched among the best 6 × max_proposals candidates
+_DENSE_RANK_MAX = 1 << 24  # table entries of `_dense_unique` (16 MB of flags, 64 MB of ranks)
 
 
 @dataclass
@@ -195,6 +196,23 @@ def _region_features(labels: np.ndarray, img: np.ndarray, num: int
     return colour, texture, size, boxes
 
 
+def _dense_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(values, return_inverse=True) for non-negative int64[n], inverse as int64[n].
+
+    Label pairs give values below (labels) × (labels), a few million at most, so marking them
+    in a table and counting replaces np.unique's sort of every pixel (~10× faster); the sort
+    stays for a table too large to be worth it.
+    """
+    top = int(values.max(initial=0)) + 1
+    if top > _DENSE_RANK_MAX or top > 8 * values.size:
+        uniq, inv = np.unique(values, return_inverse=True)
+        return uniq, inv.ravel().astype(np.int64)
+    seen = np.zeros(top, bool)
+    seen[values] = True
+    rank = np.cumsum(seen, dtype=np.int32) - 1
+    return np.flatnonzero(seen), rank[values].astype(np.int64)
+
+
 def _adjacency(labels: np.ndarray, num: int) -> np.ndarray:
     """Unique pairs (a < b) of 4-adjacent regions → int64[E,2]."""
     pairs = []
@@ -204,7 +222,7 @@ def _adjacency(labels: np.ndarray, num: int) -> np.ndarray:
     p = np.concatenate(pairs).astype(np.int64)
     if p.size == 0:
         return np.zeros((0, 2), np.int64)
-    key = np.unique(p[:, 0] * num + p[:, 1])
+    key = _dense_unique(p[:, 0] * num + p[:, 1])[0]
     return np.stack([key // num, key % num], 1)
 
 
@@ -357,8 +375,7 @@ def _atoms(label_maps: Sequence[np.ndarray]) -> tuple[np.ndarray, int, list[np.n
     """Overlay of segmentations → (atom map int64[h,w], A, per map int64[A] atom → label)."""
     key = np.zeros(label_maps[0].size, np.int64)
     for lab in label_maps:
-        _, key = np.unique(key * (int(lab.max()) + 1) + lab.ravel(), return_inverse=True)
-        key = key.ravel().astype(np.int64)
+        key = _dense_unique(key * (int(lab.max()) + 1) + lab.ravel())[1]
     num = int(key.max()) + 1
     first = np.zeros(num, np.int64)
     first[key[::-1]] = np.arange(key.size - 1, -1, -1)  # any pixel of each atom
@@ -455,7 +472,7 @@ def _boundary_strength(labels: np.ndarray, grad: np.ndarray, num: int,
     key = np.concatenate(keys)
     if key.size == 0:
         return np.zeros(members.shape[0], np.float32)
-    uniq, inv = np.unique(key, return_inverse=True)
+    uniq, inv = _dense_unique(key)
     total = np.bincount(inv, weights=np.concatenate(vals)).astype(np.float32)
     count = np.bincount(inv).astype(np.float32)
     ea, eb = uniq // num, uniq % num

@@ -159,3 +159,19 @@ def test_cli_writes_proposals_json(tmp_path: Path) -> None:
     assert len(data["annotations"]) == summary["proposals"]
     r = CliRunner().invoke(app, ["proposals", str(src), "--out", str(out), "--method", "nope"])
     assert r.exit_code == 2 and "hierarchical" in r.output
+
+
+@pytest.mark.parametrize("high", [1, 50, 5000, 1 << 40])
+def test_dense_unique_matches_np_unique(high: int) -> None:
+    """The table-based unique behind the atom overlay equals np.unique, including the sort it
+    falls back to when the values are too large (1 << 40) or sparse for a table (5000 over 300
+    values)."""
+    from coseg_cli import proposals
+
+    rng = np.random.default_rng(high % 97)
+    for n in (0, 1, 300, 20000):
+        values = rng.integers(0, high, n, dtype=np.int64)
+        uniq, inv = proposals._dense_unique(values)
+        ref_uniq, ref_inv = np.unique(values, return_inverse=True)
+        assert np.array_equal(uniq, ref_uniq) and np.array_equal(inv, ref_inv.ravel())
+        assert inv.dtype == np.int64
