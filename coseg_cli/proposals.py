@@ -79,7 +79,7 @@ _AREA_WEIGHT = (0.01, 0.02, 0.2, 0.6, 1.0, 1.0, 1.0, 0.6, 0.2, 0.05)
 _MAX_MASK_BYTES = 1 << 30  # cap on N·H·W of the returned masks (1 GiB; 12 MP photos keep ≤ 89)
 _PRIOR_STABILITY = 0.2
 _NEAR_DUP_POOL = 6  # near-duplicates are searched among the best 6 × max_proposals candidates
-_DENSE_RANK_MAX = 1 << 24  # table entries of `_dense_unique` (16 MB of flags, 64 MB of ranks)
+_DENSE_UNIQUE_MAX = 1 << 24  # table entries of `_dense_unique` (16 MB of flags, 64 MB of ranks)
 
 
 @dataclass
@@ -204,7 +204,7 @@ def _dense_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     stays for a table too large to be worth it.
     """
     top = int(values.max(initial=0)) + 1
-    if top > _DENSE_RANK_MAX or top > 8 * values.size:
+    if top > _DENSE_UNIQUE_MAX or top > 8 * values.size:
         uniq, inv = np.unique(values, return_inverse=True)
         return uniq, inv.ravel().astype(np.int64)
     seen = np.zeros(top, bool)
