@@ -90,7 +90,7 @@ def main() -> None:
             gt_masks = np.stack([cv2.resize(mask_utils.decode(r), (w, h),
                                             interpolation=cv2.INTER_NEAREST)
                                  for r in gt_img.rles]).astype(bool)
-            masks = pipeline.compute_proposals(img, prior, rec.sha1, cfg, cache)
+            masks = pipeline.compute_proposals(img, prior, rec.sha1, cfg, cache).masks
             per_image.append(diagnose_image(net, img, prior, masks, gt_masks, cfg))
         rows[cat] = {k: float(np.nanmean([d[k] for d in per_image])) for k in per_image[0]}
         print(cat, " ".join(f"{k}={v:.3f}" for k, v in rows[cat].items()), flush=True)

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import sparse
 
 from . import losses, ranking
 from . import model as model_mod
@@ -28,6 +29,7 @@ from . import peaks as peaks_mod
 from .coco import mask_iou
 from .config import CosegConfig
 from .images import resize_map
+from .records import ProposalSet
 
 # Config fields that change a `Candidates` (its cache key holds these plus the proposals' and
 # the fine-tuned model's keys). `select_folder`'s fields are applied after the cache.
@@ -196,27 +198,58 @@ def _peak_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
                       descriptors=descriptors, feature_map=feature_cells(ps.feats))
 
 
-def contrast_stats(masks: np.ndarray, cosal: np.ndarray, ring_px: int
+def _area_operator(size: int, cells: int) -> np.ndarray:
+    """float64[cells, size]: OpenCV's INTER_AREA shrinking of one axis as a matrix, read off by
+    shrinking the identity (INTER_AREA is separable, so two of these give the 2-D resize)."""
+    eye = np.eye(size, dtype=np.float32)
+    return cv2.resize(eye, (cells, size), interpolation=cv2.INTER_AREA).T.astype(np.float64)
+
+
+def atom_covers(atom_map: np.ndarray, gh: int, gw: int, num_atoms: int) -> sparse.csr_matrix:
+    """float64[num_atoms, gh·gw]: each atom's INTER_AREA cover of a gh×gw grid (row-major), i.e.
+    row a is cv2.resize(atom_map == a, (gw, gh), INTER_AREA) flattened, for every atom at once
+    (an atom absent from the map, e.g. lost when the map was resized, covers nothing)."""
+    h, w = atom_map.shape
+    rx, ry = _area_operator(w, gw), _area_operator(h, gh)
+    # along x: row (atom, y) of the image's indicator, shrunk to gw cells
+    rows = (atom_map.astype(np.int64) * h + np.arange(h)[:, None]).ravel()
+    cols = np.tile(np.arange(w), h)
+    along_x = (sparse.csr_matrix((np.ones(h * w), (rows, cols)), shape=(num_atoms * h, w))
+               @ sparse.csr_matrix(rx.T)).tocoo()  # [(atom, y), x cell]
+    atom, y = np.divmod(along_x.row, h)
+    # along y: regroup as row (atom, x cell), column y, shrunk to gh cells
+    both = (sparse.csr_matrix((along_x.data, (atom * gw + along_x.col, y)),
+                              shape=(num_atoms * gw, h)) @ sparse.csr_matrix(ry.T)).tocoo()
+    atom, cx = np.divmod(both.row, gw)
+    return sparse.csr_matrix((both.data, (atom, both.col * gw + cx)), shape=(num_atoms, gh * gw))
+
+
+def contrast_stats(props: ProposalSet, cosal: np.ndarray, ring_px: int
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean co-saliency inside each mask and in the ring just outside it.
+    """Mean co-saliency inside each proposal and in the ring just outside it.
 
     Both are taken on a grid `_STATS_SUBSAMPLE`× coarser than the masks (area-weighted cover),
-    the ring being the mask's cover dilated by `ring_px` working pixels, minus the cover.
+    the ring being the mask's cover dilated by `ring_px` working pixels, minus the cover. The
+    cover is linear in the mask, so it is summed from the atoms' covers (`atom_covers`) without
+    painting the proposals.
 
     Args:
-        masks: bool[N,h,w]. cosal: float32[h,w] in [0,1]. ring_px: ring width, working px.
+        props: N proposals at the map's resolution. cosal: float32[h,w] in [0,1]. ring_px: ring
+            width, working px.
 
     Returns:
         (inside, ring): float32[N] each, in [0,1] (ring 0 where the mask fills the image).
     """
-    n, h, w = masks.shape
+    n = len(props)
+    h, w = props.atom_map.shape
     if n == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
     gw, gh = max(1, w // _STATS_SUBSAMPLE), max(1, h // _STATS_SUBSAMPLE)
     side = 2 * max(1, round(ring_px / _STATS_SUBSAMPLE)) + 1
     kernel = np.ones((side, side), np.uint8)
-    cover = np.stack([cv2.resize(m.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
-                      for m in masks]).reshape(n, -1)
+    covers = atom_covers(props.atom_map, gh, gw, props.members.shape[1])
+    cover = (sparse.csr_matrix(props.members, dtype=np.float64) @ covers).toarray()
+    cover = cover.astype(np.float32)
     ring = np.stack([cv2.dilate(c.reshape(gh, gw), kernel) for c in cover]).reshape(n, -1)
     ring = np.clip(ring - cover, 0.0, None)
     s = cv2.resize(cosal.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA).ravel()
@@ -245,16 +278,16 @@ def _cosal_maxima(masks: np.ndarray, cosal: np.ndarray) -> np.ndarray:
     return out
 
 
-def _common_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
+def _common_candidates(net: torch.nn.Module, img: np.ndarray, props: ProposalSet,
                        cfg: CosegConfig, device: torch.device | str) -> Candidates:
     """Every proposal scored by co-saliency contrast; the best `common_pool` are kept, without
     NMS: the folder step re-ranks them with commonness first (`select_folder`)."""
     feats, _, cosal = forward_maps(net, network_input(img, cfg, device),  # type: ignore[arg-type]
                                    img.shape[:2], cfg.cosal_stride)
-    inside, ring = contrast_stats(masks, cosal, cfg.ring_px)
+    inside, ring = contrast_stats(props, cosal, cfg.ring_px)
     scores = contrast_scores(inside, ring, cfg.contrast_inside_power)
     keep = np.argsort(-scores, kind="stable")[:cfg.common_pool].astype(np.int64)
-    kept = masks[keep]  # one copy of the pool's masks, not one per use
+    kept = props.paint(keep)  # only the pool's masks are painted
     embeddings, descriptors = mask_features(feats, kept)
     return Candidates(cosal=cosal, peaks_xy=_cosal_maxima(kept, cosal), prop_idx=keep,
                       scores=scores[keep], embeddings=embeddings,
@@ -262,18 +295,18 @@ def _common_candidates(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray,
                       feature_map=feature_cells(feats))
 
 
-def image_stage2(net: torch.nn.Module, img: np.ndarray, masks: np.ndarray, cfg: CosegConfig,
+def image_stage2(net: torch.nn.Module, img: np.ndarray, props: ProposalSet, cfg: CosegConfig,
                  device: torch.device | str, chunk: int = peaks_mod.BACKPROP_CHUNK
                  ) -> Candidates:
     """Stage 2 for one image, by `cfg.ranking`.
 
     Args:
-        img: uint8[h,w,3] at working resolution. masks: bool[N,h,w] proposals.
+        img: uint8[h,w,3] at working resolution. props: its proposals, at the same resolution.
         chunk: peaks per back-propagation pass ("peaks" only).
     """
     if cfg.ranking == "peaks":
-        return _peak_candidates(net, img, masks, cfg, device, chunk)
-    return _common_candidates(net, img, masks, cfg, device)
+        return _peak_candidates(net, img, props.masks, cfg, device, chunk)
+    return _common_candidates(net, img, props, cfg, device)
 
 
 def select_folder(per_image: list[Candidates], cfg: CosegConfig) -> list[tuple[np.ndarray,

@@ -37,6 +37,7 @@ from .records import (
     Instance,
     MemorySink,
     Progress,
+    ProposalSet,
     ResultSink,
     RunResult,
     RunSummary,
@@ -52,7 +53,7 @@ from .runtime import (
 
 # Bump when a stage's code changes what it computes; its entries and those downstream are then
 # recomputed (every key holds the keys of the stages it consumes).
-CACHE_VERSION = {"prior": 1, "proposals": 2, "instances": 6}
+CACHE_VERSION = {"prior": 1, "proposals": 3, "instances": 6}
 
 
 def _fields(cfg: CosegConfig, names: Sequence[str]) -> dict[str, Any]:
@@ -106,27 +107,30 @@ def compute_priors(works: list[np.ndarray], sha1s: list[str], cfg: CosegConfig,
 
 
 def compute_proposals(img: np.ndarray, prior: np.ndarray, sha: str, cfg: CosegConfig,
-                      cache: StageCache, pending: Future[np.ndarray] | None = None
-                      ) -> np.ndarray:
-    """bool[N,h,w] candidate masks at working resolution (cached bit-packed).
+                      cache: StageCache, pending: Future[ProposalSet] | None = None
+                      ) -> ProposalSet:
+    """The image's proposals at working resolution, as atoms (cached: the atom map and the
+    bit-packed membership; a hit unpacks ~10 MB instead of painting ~300 MB of masks).
 
     Args:
-        pending: the same masks being generated in a worker thread (`_ProposalPrefetch`),
+        pending: the same proposals being generated in a worker thread (`_ProposalPrefetch`),
             awaited instead of generating them here on a cache miss.
     """
     key = proposals_key(sha, cfg)
     hit = cache.load("proposals", key)
-    h, w = img.shape[:2]
     if hit is not None:
         if pending is not None:
             pending.cancel()
-        n = int(hit["count"])
-        return np.unpackbits(hit["packed"], axis=-1, count=h * w).astype(bool).reshape(n, h, w)
-    masks = (pending.result() if pending is not None
-             else proposals_mod.generate_proposals(img, cfg, prior=prior).masks)
-    cache.save("proposals", key, count=np.array(len(masks)),
-               packed=np.packbits(masks.reshape(len(masks), h * w), axis=-1))  # N may be 0
-    return masks
+        n, num_atoms = (int(v) for v in hit["shape"])
+        members = np.unpackbits(hit["members"], axis=-1, count=num_atoms).astype(bool)
+        return ProposalSet(hit["atom_map"], members.reshape(n, num_atoms),
+                           hit["scores"], [str(t) for t in hit["sources"]])
+    props = (pending.result() if pending is not None
+             else proposals_mod.generate_proposals(img, cfg, prior=prior))
+    cache.save("proposals", key, atom_map=props.atom_map, scores=props.scores,
+               shape=np.array(props.members.shape), members=np.packbits(props.members, axis=-1),
+               sources=np.array(props.sources, dtype=str))  # N may be 0
+    return props
 
 
 def finetuned_model(works: list[np.ndarray], priors: list[np.ndarray], sha1s: list[str],
@@ -165,16 +169,16 @@ def as_records(images: Sequence[ImageRecord] | Sequence[np.ndarray] | Path | str
     return records
 
 
-def compute_candidates(net: model_mod.CoSegNet, img: np.ndarray, masks: np.ndarray, sha: str,
+def compute_candidates(net: model_mod.CoSegNet, img: np.ndarray, props: ProposalSet, sha: str,
                        cfg: CosegConfig, device: Any, cache: StageCache, model_key: str,
                        backprop_chunk: int = peaks_mod.BACKPROP_CHUNK) -> instances_mod.Candidates:
-    """Stage 2 of one image (instances.image_stage2) on its proposals `masks` (bool[N,h,w]),
+    """Stage 2 of one image (instances.image_stage2) on its proposals `props`,
     from the cache when the same weights (`model_key`), proposals and fields made it before."""
     key = instances_key(sha, cfg, model_key)
     hit = cache.load("instances", key)
     if hit is not None:
         return instances_mod.Candidates(**hit)
-    cand = instances_mod.image_stage2(net, img, masks, cfg, device, backprop_chunk)
+    cand = instances_mod.image_stage2(net, img, props, cfg, device, backprop_chunk)
     cache.save("instances", key, **asdict(cand))
     return cand
 
@@ -191,7 +195,7 @@ class _ProposalPrefetch:
                  sha1s: Sequence[str], cfg: CosegConfig, cache: StageCache) -> None:
         self._args = (works, priors, sha1s, cfg, cache)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coseg-proposals")
-        self._pending: dict[int, Future[np.ndarray]] = {}
+        self._pending: dict[int, Future[ProposalSet]] = {}
 
     def start(self, i: int) -> None:
         """Begin image `i`'s proposals unless they are cached (or `i` is past the end)."""
@@ -200,9 +204,9 @@ class _ProposalPrefetch:
                                                                 proposals_key(sha1s[i], cfg)):
             return
         self._pending[i] = self._pool.submit(
-            lambda: proposals_mod.generate_proposals(works[i], cfg, prior=priors[i]).masks)
+            lambda: proposals_mod.generate_proposals(works[i], cfg, prior=priors[i]))
 
-    def take(self, i: int) -> Future[np.ndarray] | None:
+    def take(self, i: int) -> Future[ProposalSet] | None:
         """Image `i`'s proposals in flight, if `start(i)` began them."""
         return self._pending.pop(i, None)
 
@@ -234,14 +238,14 @@ def _stage2(net: model_mod.CoSegNet, records: Sequence[ImageRecord], works: list
     means: list[float] = []
     for i, (rec, img, prior) in enumerate(zip(records, works, priors)):
         t = time.perf_counter()
-        masks = compute_proposals(img, prior, rec.sha1, cfg, cache, prefetch.take(i))
+        props = compute_proposals(img, prior, rec.sha1, cfg, cache, prefetch.take(i))
         prefetch.start(i + 1)  # image i+1's proposals while the network works on image i
         t_prop += time.perf_counter() - t
         t = time.perf_counter()
-        cand = compute_candidates(net, img, masks, rec.sha1, cfg, device, cache, model_key,
+        cand = compute_candidates(net, img, props, rec.sha1, cfg, device, cache, model_key,
                                   backprop_chunk)
-        kept.append(coco.encode_masks(masks[cand.prop_idx]))
-        del masks  # all N proposals, bool[N,h,w]: only the kept candidates' RLE stays
+        kept.append(coco.encode_masks(props.paint(cand.prop_idx)))
+        del props  # only the kept candidates' RLE stays
         per_image.append(replace(cand, cosal=np.zeros((0, 0), np.float32)))
         cosal = None
         if sink is not None:

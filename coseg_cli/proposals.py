@@ -16,7 +16,8 @@ instances it can return are bounded by the candidates' recall. The default sourc
 
 Every candidate is a union of *atoms*, the cells of the overlay of all base segmentations, so
 areas, duplicates and overlaps are computed on small membership matrices instead of pixel masks.
-Only the kept proposals are painted at the image's resolution (nearest-neighbour).
+The kept proposals are returned that way too (`ProposalSet`: the atom map at the image's
+resolution, nearest-neighbour, and each proposal's atoms); masks are painted where used.
 
 Score (higher first): a weighted-sampling key u^(1/w) (Efraimidis–Spirakis, u uniform from a
 seeded generator) with weight w = size prior × (stability + 0.05) × (boundary edge strength + 0.2).
@@ -575,18 +576,17 @@ def _hierarchical_method(image: np.ndarray, prior: np.ndarray | None, cfg: Coseg
     _, first = np.unique(keys[order], return_index=True)
     order = order[np.sort(first)[:_NEAR_DUP_POOL * cfg.max_proposals]]
     members = cand.members(order)
-    # Masks are returned at full resolution (bool[N,H,W]): bound their memory on huge images.
+    # Painted in full (ProposalSet.masks) they are bool[N,H,W]: bound that on huge images.
     max_keep = max(1, min(cfg.max_proposals, _MAX_MASK_BYTES // (height * width)))
     kept = _dedup(members, cand.areas[order], cand.boxes_xyxy[order], atom_area, max_keep)
     idx = order[kept]
     members = members[kept]
     scores = all_scores[idx]
     sources = [cand.sources[i] for i in idx.tolist()]
+    atom_map = atom_map.astype(np.int32)
     if (h, w) != (height, width):
-        atom_map = cv2.resize(atom_map.astype(np.int32), (width, height),
-                              interpolation=cv2.INTER_NEAREST)
-    masks = np.take(members, atom_map, axis=1)  # [N, H, W]
-    return ProposalSet(masks, scores.astype(np.float32), sources)
+        atom_map = cv2.resize(atom_map, (width, height), interpolation=cv2.INTER_NEAREST)
+    return ProposalSet(atom_map, members, scores.astype(np.float32), sources)
 
 
 def _area_weight(area_frac: np.ndarray) -> np.ndarray:
@@ -679,7 +679,8 @@ def _dedup(members: np.ndarray, area: np.ndarray, boxes: np.ndarray, atom_area: 
 
 
 def _empty(height: int, width: int) -> ProposalSet:
-    return ProposalSet(np.zeros((0, height, width), bool), np.zeros(0, np.float32), [])
+    return ProposalSet(np.zeros((height, width), np.int32), np.zeros((0, 1), bool),
+                       np.zeros(0, np.float32), [])
 
 
 # A source maps (image uint8[H,W,3], prior float32[H,W] or None, config) to its proposals.
@@ -714,8 +715,9 @@ def generate_proposals(image: np.ndarray, cfg: CosegConfig, *,
             (each level whole and per connected component, snapped to image atoms).
 
     Returns:
-        ProposalSet with masks bool[N,H,W] at the image's resolution, scores float32[N]
-        descending, one source tag per proposal ("hier", "group", "saliency"); N may be 0.
+        ProposalSet (atoms at the image's resolution; `.masks` paints bool[N,H,W]), scores
+        float32[N] descending, one source tag per proposal ("hier", "group", "saliency"); N may
+        be 0.
     """
     fn = get_method(cfg.proposal_method)
     image = np.asarray(image)
@@ -742,15 +744,16 @@ def proposals_to_coco(records: Sequence[Any], sets: Sequence[ProposalSet]) -> di
     for img_id, (rec, props) in enumerate(zip(records, sets), start=1):
         images.append({"id": img_id, "file_name": rec.name, "height": int(rec.height),
                        "width": int(rec.width)})
-        if props.masks.shape[1:] != (rec.height, rec.width) and len(props):
-            raise ConfigError(f"{rec.name}: proposal masks {props.masks.shape[1:]} do not match "
+        if props.atom_map.shape != (rec.height, rec.width) and len(props):
+            raise ConfigError(f"{rec.name}: proposal masks {props.atom_map.shape} do not match "
                               f"the image size {(rec.height, rec.width)}")
-        rles = coco.encode_masks(props.masks)
-        areas = props.masks.reshape(len(props), -1).sum(1) if len(props) else []
+        masks = props.masks
+        rles = coco.encode_masks(masks)
+        areas = masks.reshape(len(props), -1).sum(1) if len(props) else []
         for k, rle in enumerate(rles):
             annotations.append({
                 "id": ann_id, "image_id": img_id, "category_id": 1, "segmentation": rle,
-                "bbox": coco.bbox_xywh(props.masks[k]), "area": int(areas[k]), "iscrowd": 0,
+                "bbox": coco.bbox_xywh(masks[k]), "area": int(areas[k]), "iscrowd": 0,
                 "score": float(props.scores[k]),
                 "source": props.sources[k] if props.sources else "",
             })

@@ -55,19 +55,48 @@ class ImageRecord:
 
 @dataclass
 class ProposalSet:
-    """Candidate masks for one image.
+    """Candidate masks for one image, as unions of *atoms* (cells of an over-segmentation).
+
+    A bool[N,H,W] stack of 1000 proposals is ~300 MB for a 640×480 photo, while the same masks
+    as atoms are an int32[H,W] map and a bool[N,A] membership (A ~ 10⁴): kept that way, a
+    stage that needs a statistic of every mask can take it per atom, and only the masks that
+    are used get painted.
 
     Attributes:
-        masks: bool[N,H,W] at the image's resolution. scores: float32[N], higher is better.
+        atom_map: int32[H,W] atom of each pixel, 0 … A−1. members: bool[N,A], row i the atoms
+            of proposal i. scores: float32[N], higher is better.
         sources: per-proposal source tag (e.g. "hier", "saliency").
     """
 
-    masks: np.ndarray
+    atom_map: np.ndarray
+    members: np.ndarray
     scores: np.ndarray
     sources: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return int(self.masks.shape[0])
+        return int(self.members.shape[0])
+
+    @property
+    def masks(self) -> np.ndarray:
+        """bool[N,H,W], every proposal painted."""
+        return self.paint(np.arange(len(self)))
+
+    def paint(self, idx: np.ndarray) -> np.ndarray:
+        """bool[len(idx),H,W]: the proposals `idx` (in that order) painted."""
+        return np.take(self.members[np.asarray(idx, np.int64)], self.atom_map, axis=1)
+
+    @classmethod
+    def from_masks(cls, masks: np.ndarray, scores: np.ndarray | None = None,
+                   sources: list[str] | None = None) -> ProposalSet:
+        """Masks bool[N,H,W] as atoms: pixels with the same membership share an atom."""
+        masks = np.asarray(masks, bool)
+        n, h, w = masks.shape
+        bits = np.packbits(masks.reshape(n, h * w), axis=0).T  # [H·W, ⌈N/8⌉]
+        uniq, atom_map = np.unique(bits, axis=0, return_inverse=True)
+        members = np.unpackbits(uniq.T, axis=0, count=n).astype(bool)
+        return cls(atom_map.reshape(h, w).astype(np.int32), members,
+                   np.zeros(n, np.float32) if scores is None else np.asarray(scores, np.float32),
+                   [] if sources is None else list(sources))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ from coseg_cli.coco import mask_iou
 from coseg_cli.config import PRESETS, RUNTIME_FIELDS, CosegConfig
 from coseg_cli.errors import ConfigError
 from coseg_cli.ranking import commonness, nms_by_iou
+from coseg_cli.records import ProposalSet
 
 
 def _square(h: int, w: int, r0: int, c0: int, side: int) -> np.ndarray:
@@ -28,7 +30,7 @@ def test_contrast_prefers_the_mask_that_stops_where_the_blob_stops() -> None:
     loose = _square(64, 64, 16, 16, 32)  # blob + background around it
     part = _square(64, 64, 24, 24, 8)  # a quarter of the blob
     masks = np.stack([exact, loose, part])
-    inside, ring = instances.contrast_stats(masks, cosal, ring_px=8)
+    inside, ring = instances.contrast_stats(ProposalSet.from_masks(masks), cosal, ring_px=8)
     # 4× coarser grid: the exact mask covers cells 6..9 of 16, all 1; its ring (±2 cells) is 0
     np.testing.assert_allclose(inside, [1.0, 0.25, 1.0], atol=1e-6)
     assert ring[0] == pytest.approx(0.0)
@@ -46,10 +48,44 @@ def test_contrast_prefers_the_mask_that_stops_where_the_blob_stops() -> None:
 
 def test_contrast_empty_and_full_masks() -> None:
     cosal = np.full((8, 8), 0.5, np.float32)
-    inside, ring = instances.contrast_stats(np.zeros((0, 8, 8), bool), cosal, ring_px=4)
+    empty = ProposalSet.from_masks(np.zeros((0, 8, 8), bool))
+    inside, ring = instances.contrast_stats(empty, cosal, ring_px=4)
     assert inside.shape == ring.shape == (0,)
-    inside, ring = instances.contrast_stats(np.ones((1, 8, 8), bool), cosal, ring_px=4)
+    full = ProposalSet.from_masks(np.ones((1, 8, 8), bool))
+    inside, ring = instances.contrast_stats(full, cosal, ring_px=4)
     assert inside[0] == pytest.approx(0.5) and ring[0] == 0.0  # no outside: ring is empty
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (61, 83), (9, 130)])
+def test_atom_covers_equal_resizing_each_atom(shape) -> None:
+    """The atoms' covers from the separable INTER_AREA operator are cv2.resize of each atom's
+    indicator, also where the grid does not divide the image (fractional cell weights)."""
+    h, w = shape
+    atom_map = np.random.default_rng(h).integers(0, 7, (h, w)).astype(np.int32)
+    atom_map[: h // 2, : w // 3] = 7  # a large atom among speckle
+    gh, gw = max(1, h // 4), max(1, w // 4)
+    covers = instances.atom_covers(atom_map, gh, gw, 9).toarray()  # atom 8 is absent
+    want = np.stack([cv2.resize((atom_map == a).astype(np.float32), (gw, gh),
+                                interpolation=cv2.INTER_AREA).ravel() for a in range(9)])
+    np.testing.assert_allclose(covers, want, atol=1e-6)
+
+
+def test_contrast_from_atoms_equals_contrast_from_painted_masks() -> None:
+    """Stage 2's statistics from atoms are those of the painted masks (cover by cv2.resize)."""
+    rng = np.random.default_rng(3)
+    h, w = 50, 70
+    atom_map = (rng.integers(0, 5, (h // 5, w // 5)).repeat(5, 0).repeat(5, 1) * 3
+                + rng.integers(0, 3, (h, w))).astype(np.int32)
+    props = ProposalSet(atom_map, rng.random((12, 15)) < 0.3, np.zeros(12, np.float32))
+    cosal = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 6)
+    inside, ring = instances.contrast_stats(props, cosal, ring_px=8)
+    gh, gw = h // 4, w // 4
+    s = cv2.resize(cosal, (gw, gh), interpolation=cv2.INTER_AREA)
+    for m, i, r in zip(props.masks, inside, ring):
+        cover = cv2.resize(m.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
+        around = np.clip(cv2.dilate(cover, np.ones((5, 5), np.uint8)) - cover, 0, None)
+        assert i == pytest.approx((cover * s).sum() / max(cover.sum(), 1e-12), abs=1e-6)
+        assert r == pytest.approx((around * s).sum() / max(around.sum(), 1e-12), abs=1e-6)
 
 
 def test_nms_on_mask_ious_hand_case() -> None:
@@ -306,7 +342,7 @@ def test_peaks_ranking_on_the_stride_16_map() -> None:
     ps = instances.score_peaks(net, img, masks, cfg, "cpu", chunk=2)
     assert ps.peak_rc.max() >= 4  # a cell of the 8×8 map, beyond the 4×4 pool5 map
     assert ps.scores.shape == (len(ps.peak_rc), 2) and np.isfinite(ps.scores).all()
-    cand = instances.image_stage2(net, img, masks, cfg, "cpu")
+    cand = instances.image_stage2(net, img, ProposalSet.from_masks(masks), cfg, "cpu")
     assert len(cand.prop_idx) == len(cand.peaks_xy) >= 1
     with pytest.raises(ConfigError, match="cosal_stride 16 needs feature_layer pool5"):
         dataclasses.replace(cfg, feature_layer="fc6_new")

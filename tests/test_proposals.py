@@ -175,3 +175,28 @@ def test_dense_unique_matches_np_unique(high: int) -> None:
         ref_uniq, ref_inv = np.unique(values, return_inverse=True)
         assert np.array_equal(uniq, ref_uniq) and np.array_equal(inv, ref_inv.ravel())
         assert inv.dtype == np.int64
+
+
+def test_proposal_set_paints_what_its_atoms_hold() -> None:
+    """Masks → atoms → masks is the identity; `paint` picks rows in the order asked; pixels with
+    the same membership share one atom."""
+    rng = np.random.default_rng(5)
+    masks = np.zeros((4, 20, 30), bool)
+    for k in range(4):
+        r, c = rng.integers(0, 12, 2)
+        masks[k, r:r + 8, c:c + 15] = True
+    props = ProposalSet.from_masks(masks, scores=np.arange(4.0))
+    assert np.array_equal(props.masks, masks) and len(props) == 4
+    assert np.array_equal(props.paint(np.array([2, 0])), masks[[2, 0]])
+    assert props.members.shape[1] == len(np.unique(masks.reshape(4, -1), axis=1).T)
+    assert props.paint(np.zeros(0, np.int64)).shape == (0, 20, 30)
+
+
+def test_generated_proposals_paint_at_the_image_size() -> None:
+    """The atom map is mapped back to the input's size when grouping ran smaller."""
+    img = blob_image(200, seed=2)
+    props = generate_proposals(img, CosegConfig(max_proposals=30, work_max_side=100))
+    assert props.atom_map.shape == (200, 200) and props.atom_map.dtype == np.int32
+    assert len(props) > 0 and props.members.shape[0] == len(props)
+    assert props.members.shape[1] >= int(props.atom_map.max()) + 1  # nearest may drop atoms
+    assert props.masks.shape == (len(props), 200, 200)
