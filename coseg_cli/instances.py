@@ -251,11 +251,22 @@ def contrast_stats(props: ProposalSet, cosal: np.ndarray, ring_px: int
     cover = (sparse.csr_matrix(props.members, dtype=np.float64) @ covers).toarray()
     cover = cover.astype(np.float32)
     ring = np.stack([cv2.dilate(c.reshape(gh, gw), kernel) for c in cover]).reshape(n, -1)
-    ring = np.clip(ring - cover, 0.0, None)
+    ring -= cover  # ≥ 0 exactly: the dilation's window holds its centre
     s = cv2.resize(cosal.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA).ravel()
     inside = cover @ s / np.maximum(cover.sum(axis=1), 1e-12)
     around = ring @ s / np.maximum(ring.sum(axis=1), 1e-12)
     return inside.astype(np.float32), around.astype(np.float32)
+
+
+def atom_iou(props: ProposalSet, idx: np.ndarray) -> np.ndarray:
+    """float64[M,M] exact IoU among the proposals `idx`, from their atoms' pixel counts (the
+    painted masks' IoU, as `coco.mask_iou` gives it; 0 where both are empty)."""
+    areas = np.bincount(props.atom_map.ravel(), minlength=props.members.shape[1])
+    rows = sparse.csr_matrix(props.members[np.asarray(idx, np.int64)], dtype=np.float64)
+    inter = (rows @ sparse.diags(areas.astype(np.float64)) @ rows.T).toarray()
+    area = np.diag(inter).copy()
+    union = area[:, None] + area[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def contrast_scores(inside: np.ndarray, ring: np.ndarray, inside_power: float) -> np.ndarray:
@@ -291,7 +302,7 @@ def _common_candidates(net: torch.nn.Module, img: np.ndarray, props: ProposalSet
     embeddings, descriptors = mask_features(feats, kept)
     return Candidates(cosal=cosal, peaks_xy=_cosal_maxima(kept, cosal), prop_idx=keep,
                       scores=scores[keep], embeddings=embeddings,
-                      overlaps=mask_iou(kept, kept).astype(np.float32), descriptors=descriptors,
+                      overlaps=atom_iou(props, keep).astype(np.float32), descriptors=descriptors,
                       feature_map=feature_cells(feats))
 
 

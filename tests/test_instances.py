@@ -70,6 +70,20 @@ def test_atom_covers_equal_resizing_each_atom(shape) -> None:
     np.testing.assert_allclose(covers, want, atol=1e-6)
 
 
+def test_atom_iou_is_the_painted_masks_iou() -> None:
+    rng = np.random.default_rng(4)
+    atom_map = rng.integers(0, 40, (30, 50)).astype(np.int32)
+    atom_map[:, :5] = 40  # atom 41 is absent from the map
+    members = rng.random((9, 42)) < 0.2
+    members[3] = False  # an empty proposal: IoU 0 with everything, itself included
+    props = ProposalSet(atom_map, members, np.zeros(9, np.float32))
+    idx = np.array([8, 0, 3, 5, 5])
+    got = instances.atom_iou(props, idx)
+    painted = props.paint(idx)
+    assert np.array_equal(got, mask_iou(painted, painted))
+    assert got[2].max() == 0.0 and got[3, 4] == 1.0
+
+
 def test_contrast_from_atoms_equals_contrast_from_painted_masks() -> None:
     """Stage 2's statistics from atoms are those of the painted masks (cover by cv2.resize)."""
     rng = np.random.default_rng(3)
