@@ -101,16 +101,28 @@ class _Candidates:
     level: np.ndarray | None = None  # float32[N] merge step / (K-1); 0 for base regions
     strategy: np.ndarray | None = None  # int64[N] index into the strategies
 
-    def members(self, idx: np.ndarray) -> np.ndarray:
-        """bool[len(idx), A] atom membership of the candidates `idx` (in that order)."""
+    def member_rows(self, idx: np.ndarray) -> sparse.csr_matrix:
+        """float32[len(idx), A] atom membership (1.0) of the candidates `idx`, in that order, as
+        canonical CSR rows: built region → atom by a sparse product, so the cost follows the
+        memberships (~10⁶), not len(idx) × A (~6·10⁷ for a dense matrix and its scan)."""
         starts = np.cumsum([0] + [m.shape[0] for m, _ in self.parts])
         num_atoms = self.parts[0][1].size
-        out = np.zeros((idx.size, num_atoms), bool)
+        blocks, order = [], []
         for p, (m, lookup) in enumerate(self.parts):
             sel = np.flatnonzero((idx >= starts[p]) & (idx < starts[p + 1]))
             if sel.size:
-                out[sel] = m[idx[sel] - starts[p]][:, lookup]
-        return out
+                to_atoms = sparse.csr_matrix(
+                    (np.ones(num_atoms, np.float32), (lookup, np.arange(num_atoms))),
+                    shape=(m.shape[1], num_atoms))
+                blocks.append(sparse.csr_matrix(m[idx[sel] - starts[p]], dtype=np.float32)
+                              @ to_atoms)
+                order.append(sel)
+        if not blocks:
+            return sparse.csr_matrix((idx.size, num_atoms), dtype=np.float32)
+        rows = sparse.vstack(blocks, format="csr")
+        rows = rows[np.argsort(np.concatenate(order), kind="stable")]
+        rows.sum_duplicates()  # canonical: sorted column indices, each stored once
+        return rows
 
     def keys(self) -> np.ndarray:
         """float64[N] exact set hashes: equal atom sets ↔ equal keys (up to ~2^-31 collisions).
@@ -575,12 +587,12 @@ def _hierarchical_method(image: np.ndarray, prior: np.ndarray | None, cfg: Coseg
     order = keep[np.lexsort((keep, -score))]
     _, first = np.unique(keys[order], return_index=True)
     order = order[np.sort(first)[:_NEAR_DUP_POOL * cfg.max_proposals]]
-    members = cand.members(order)
+    rows = cand.member_rows(order)
     # Painted in full (ProposalSet.masks) they are bool[N,H,W]: bound that on huge images.
     max_keep = max(1, min(cfg.max_proposals, _MAX_MASK_BYTES // (height * width)))
-    kept = _dedup(members, cand.areas[order], cand.boxes_xyxy[order], atom_area, max_keep)
+    kept = _dedup(rows, cand.areas[order], cand.boxes_xyxy[order], atom_area, max_keep)
     idx = order[kept]
-    members = members[kept]
+    members = rows[kept].toarray() > 0
     scores = all_scores[idx]
     sources = [cand.sources[i] for i in idx.tolist()]
     atom_map = atom_map.astype(np.int32)
@@ -625,7 +637,7 @@ def _score(cand: _Candidates, num_pixels: float, seed: int) -> np.ndarray:
     return np.power(u, 1.0 / np.maximum(weight, 1e-6)).astype(np.float32)
 
 
-def _dedup(members: np.ndarray, area: np.ndarray, boxes: np.ndarray, atom_area: np.ndarray,
+def _dedup(rows: sparse.csr_matrix, area: np.ndarray, boxes: np.ndarray, atom_area: np.ndarray,
            max_keep: int, iou_thresh: float = _DEDUP_IOU_THRESH) -> np.ndarray:
     """Greedy removal of near-duplicates (mask IoU > 0.95) from candidates sorted best first.
 
@@ -633,7 +645,8 @@ def _dedup(members: np.ndarray, area: np.ndarray, boxes: np.ndarray, atom_area: 
     pairs in that area window whose boxes overlap at IoU ≥ 0.8 are compared exactly (on atoms).
 
     Args:
-        members: bool[N,A], best first. area: float[N] pixels. boxes: float[N,4] xyxy inclusive.
+        rows: float32[N,A] canonical CSR atom membership (`_Candidates.member_rows`), best
+            first. area: float[N] pixels. boxes: float[N,4] xyxy inclusive.
         atom_area: float32[A] pixels per atom.
 
     Returns:
@@ -658,7 +671,6 @@ def _dedup(members: np.ndarray, area: np.ndarray, boxes: np.ndarray, atom_area: 
     suppressed = np.zeros(n, bool)
     if a.size:
         # Exact IoU on atoms via sparse rows: |A ∩ B| = Σ_atoms a·b·area
-        rows = sparse.csr_matrix(members, dtype=np.float32)
         weighted = rows @ sparse.diags(atom_area)
         inter = np.empty(a.size, np.float32)
         nnz = np.diff(rows.indptr)

@@ -19,7 +19,13 @@ from coseg_cli import coco
 from coseg_cli.cli import app
 from coseg_cli.config import CosegConfig
 from coseg_cli.errors import ConfigError
-from coseg_cli.proposals import METHODS, generate_proposals, get_method, proposals_to_coco
+from coseg_cli.proposals import (
+    METHODS,
+    _Candidates,
+    generate_proposals,
+    get_method,
+    proposals_to_coco,
+)
 from coseg_cli.records import ProposalSet
 
 
@@ -200,3 +206,21 @@ def test_generated_proposals_paint_at_the_image_size() -> None:
     assert len(props) > 0 and props.members.shape[0] == len(props)
     assert props.members.shape[1] >= int(props.atom_map.max()) + 1  # nearest may drop atoms
     assert props.masks.shape == (len(props), 200, 200)
+
+
+def test_member_rows_are_the_candidates_atoms_in_the_order_asked() -> None:
+    """The sparse region → atom expansion equals indexing the dense membership, in any order
+    across parts, and comes back canonical (what the near-duplicate IoUs sum over)."""
+    rng = np.random.default_rng(7)
+    num_atoms = 30
+    parts = [(rng.random((5, 8)) < 0.4, rng.integers(0, 8, num_atoms)),
+             (rng.random((4, num_atoms)) < 0.3, np.arange(num_atoms))]
+    n = 9
+    cand = _Candidates(parts, np.zeros(n, np.float32), np.zeros((n, 4), np.float32),
+                       np.zeros(n, np.float32), ["x"] * n)
+    dense = np.concatenate([m[:, lookup] for m, lookup in parts])
+    idx = np.array([7, 0, 4, 8, 2, 5])
+    rows = cand.member_rows(idx)
+    assert rows.has_canonical_format and rows.dtype == np.float32
+    assert np.array_equal(rows.toarray() > 0, dense[idx]) and set(rows.data.tolist()) <= {1.0}
+    assert cand.member_rows(np.zeros(0, np.int64)).shape == (0, num_atoms)
