@@ -174,21 +174,16 @@ def _graph_segment(image: np.ndarray, k: int) -> np.ndarray:
 # --- region features ----------------------------------------------------------------------------
 
 
-def _region_features(labels: np.ndarray, img: np.ndarray, num: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-region L1-normalised colour and texture histograms, sizes and boxes.
+def _pixel_bins(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's colour and texture histogram bins, per channel, offset by channel: computed
+    once per colour space and shared by the segmentations (k) of that space.
 
     Returns:
-        colour float32[K,75], texture float32[K,96], size float64[K],
-        boxes int64[K,4] (x0, y0, x1, y1).
+        colour int64[h·w,3] in 0..74, texture int64[h·w,3] in 0..95.
     """
-    flat = labels.ravel().astype(np.int64)
     chans = img.reshape(-1, 3).astype(np.int64)
     cbin = (chans * _COLOUR_BINS) >> 8  # 0..24
-    idx = flat[:, None] * (3 * _COLOUR_BINS) + np.arange(3) * _COLOUR_BINS + cbin
-    colour = np.bincount(idx.ravel(), minlength=num * 3 * _COLOUR_BINS).reshape(num, -1)
-    colour = colour.astype(np.float32) / np.maximum(colour.sum(1, keepdims=True), 1)
-
+    colour = np.arange(3) * _COLOUR_BINS + cbin
     f = img.astype(np.float32)
     gx = cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3).reshape(-1, 3)
     gy = cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3).reshape(-1, 3)
@@ -197,7 +192,28 @@ def _region_features(labels: np.ndarray, img: np.ndarray, num: int
     mag = np.sqrt(gx * gx + gy * gy)
     mbin = np.clip(np.log2(mag + 1.0) * (_MAG_BINS / 11.0), 0, _MAG_BINS - 1).astype(np.int64)
     per = _ORIENT_BINS * _MAG_BINS
-    tidx = flat[:, None] * (3 * per) + np.arange(3) * per + obin * _MAG_BINS + mbin
+    return colour, np.arange(3) * per + obin * _MAG_BINS + mbin
+
+
+def _region_features(labels: np.ndarray, bins: tuple[np.ndarray, np.ndarray], num: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-region L1-normalised colour and texture histograms, sizes and boxes.
+
+    Args:
+        labels: int32[h,w] regions 0..num-1. bins: `_pixel_bins` of the segmented image.
+
+    Returns:
+        colour float32[K,75], texture float32[K,96], size float64[K],
+        boxes int64[K,4] (x0, y0, x1, y1).
+    """
+    flat = labels.ravel().astype(np.int64)
+    cbins, tbins = bins
+    idx = flat[:, None] * (3 * _COLOUR_BINS) + cbins
+    colour = np.bincount(idx.ravel(), minlength=num * 3 * _COLOUR_BINS).reshape(num, -1)
+    colour = colour.astype(np.float32) / np.maximum(colour.sum(1, keepdims=True), 1)
+
+    per = _ORIENT_BINS * _MAG_BINS
+    tidx = flat[:, None] * (3 * per) + tbins
     texture = np.bincount(tidx.ravel(), minlength=num * 3 * per).reshape(num, -1)
     texture = texture.astype(np.float32) / np.maximum(texture.sum(1, keepdims=True), 1)
 
@@ -404,13 +420,12 @@ def _hierarchical(work: np.ndarray, strategies: Sequence[_Strategy] = HIERARCHIC
         work: uint8[h,w,3] RGB working image.
     """
     h, w = work.shape[:2]
-    segs: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-    for space, k, _ in strategies:
-        if (space, k) not in segs:
-            img = _colour(work, space)
-            segs[(space, k)] = (_graph_segment(img, k), img)
+    pairs = list(dict.fromkeys((space, k) for space, k, _ in strategies))  # first-use order
+    images = {space: _colour(work, space) for space, _ in pairs}
+    segs = {(space, k): _graph_segment(images[space], k) for space, k in pairs}
+    bins = {space: _pixel_bins(img) for space, img in images.items()}
     keys = list(segs)
-    atom_map, _, lookups = _atoms([segs[key][0] for key in keys])
+    atom_map, _, lookups = _atoms([segs[key] for key in keys])
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]] = []
     levels: list[np.ndarray] = []
     strat: list[np.ndarray] = []
@@ -418,10 +433,11 @@ def _hierarchical(work: np.ndarray, strategies: Sequence[_Strategy] = HIERARCHIC
     grad = _edge_map(work)
     feats: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}
     for si, (space, k, weights) in enumerate(strategies):
-        labels, img = segs[(space, k)]
+        labels = segs[(space, k)]
         num = int(labels.max()) + 1
         if (space, k) not in feats:  # strategies sharing a segmentation share its features
-            feats[(space, k)] = (*_region_features(labels, img, num), _adjacency(labels, num))
+            feats[(space, k)] = (*_region_features(labels, bins[space], num),
+                                 _adjacency(labels, num))
         colour, texture, size, bxs, edges = feats[(space, k)]
         hier = _merge(colour, texture, size, bxs, edges, weights, float(h * w))
         lookup = lookups[keys.index((space, k))]
