@@ -424,8 +424,7 @@ def _hierarchical(work: np.ndarray, strategies: Sequence[_Strategy] = HIERARCHIC
     images = {space: _colour(work, space) for space, _ in pairs}
     segs = {(space, k): _graph_segment(images[space], k) for space, k in pairs}
     bins = {space: _pixel_bins(img) for space, img in images.items()}
-    keys = list(segs)
-    atom_map, _, lookups = _atoms([segs[key] for key in keys])
+    atom_map, _, lookups = _atoms([segs[pair] for pair in pairs])
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]] = []
     levels: list[np.ndarray] = []
     strat: list[np.ndarray] = []
@@ -440,7 +439,7 @@ def _hierarchical(work: np.ndarray, strategies: Sequence[_Strategy] = HIERARCHIC
                                  _adjacency(labels, num))
         colour, texture, size, bxs, edges = feats[(space, k)]
         hier = _merge(colour, texture, size, bxs, edges, weights, float(h * w))
-        lookup = lookups[keys.index((space, k))]
+        lookup = lookups[pairs.index((space, k))]
         level = np.zeros(hier.members.shape[0], np.float32)
         level[num:] = np.arange(1, hier.members.shape[0] - num + 1) / max(num - 1, 1)
         edge_parts.append(_boundary_strength(labels, grad, num, hier.members, hier.group_members))
