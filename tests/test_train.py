@@ -51,6 +51,8 @@ def test_seeded_cpu_runs_are_bit_identical():
     (a, ha), (b, hb) = results
     assert ha == hb
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # training runs channels-last; the weights leave it in the standard layout
+    assert all(t.is_contiguous() for t in a.values())
     assert not torch.equal(a["saliency.weight"], torch.zeros_like(a["saliency.weight"]))
 
 
@@ -106,6 +108,7 @@ def test_nan_loss_names_the_epoch():
     net = M.build_model(TINY, _random_state())
     with pytest.raises(TrainingError, match="epoch 1"):
         T.finetune(net, images, priors, TINY, device="cpu")
+    assert all(p.is_contiguous() for p in net.parameters())  # the layout is restored on failure
 
 
 def test_progress_and_cache_round_trip(tmp_path):
