@@ -275,57 +275,61 @@ def _merge(colour: np.ndarray, texture: np.ndarray, size: np.ndarray, boxes: np.
     """Greedy selective-search merging; records every region, its stability and cut groupings.
 
     One piece: the merge loop (the hot path of proposal generation) updates nine per-region
-    tables (colour, texture, size, box, members, formed/absorbed similarity, alive, neighbours),
-    four of which `sim` reads through its closure; split up, every part would pass them all.
+    tables (histograms, size, box, members, formed/absorbed similarity, alive, neighbours),
+    several of which `sim` reads through its closure; split up, every part would pass them all.
+    Colour and texture histograms share one table so that a merge averages, and `sim` compares,
+    both in one operation.
     """
     num = size.shape[0]
     total = 2 * num - 1
     wc, wt, ws, wf = weights
-    col = np.zeros((total, colour.shape[1]), np.float32)
-    tex = np.zeros((total, texture.shape[1]), np.float32)
+    ncol = colour.shape[1]
+    hist = np.zeros((total, ncol + texture.shape[1]), np.float32)
+    hist[:num, :ncol], hist[:num, ncol:] = colour, texture
     sz = np.zeros(total)
+    sz[:num] = size
     bx = np.zeros((total, 4), np.int64)
-    col[:num], tex[:num], sz[:num], bx[:num] = colour, texture, size, boxes
+    bx[:num] = boxes
     formed = np.ones(total, np.float32)
     absorbed = np.zeros(total, np.float32)
     members = np.zeros((total, num), bool)
     members[np.arange(num), np.arange(num)] = True
+    norm = wc + wt + ws + wf
+    # the histogram part `sim` reads: colour and texture, or texture alone when wc is 0
+    lo = 0 if wc else ncol
 
-    def sim(i: int, js: np.ndarray) -> np.ndarray:
-        s = np.zeros(js.size)
-        if wc:
-            s += wc * np.minimum(col[i], col[js]).sum(1)
-        if wt:
-            s += wt * np.minimum(tex[i], tex[js]).sum(1)
+    def sim(i: int | np.ndarray, js: np.ndarray) -> np.ndarray:
+        """Similarity of region(s) i to each region in js: the weighted sum of selective
+        search's four terms (histogram intersections, size, fill), over the weights' sum."""
         both = sz[i] + sz[js]
+        inter = np.minimum(hist[i, lo:], hist[js, lo:]) if wc or wt else hist[:0]
+        s = (wc * inter[:, :ncol].sum(1)).astype(np.float64) if wc else np.zeros(js.size)
+        if wt:
+            s += wt * inter[:, ncol - lo:].sum(1)
         if ws:
             s += ws * (1.0 - both / image_size)
         if wf:
-            bw = np.maximum(bx[i, 2], bx[js, 2]) - np.minimum(bx[i, 0], bx[js, 0]) + 1
-            bh = np.maximum(bx[i, 3], bx[js, 3]) - np.minimum(bx[i, 1], bx[js, 1]) + 1
-            s += wf * (1.0 - (bw * bh - both) / image_size)
-        return s / (wc + wt + ws + wf)
+            bj = bx[js]
+            wh = np.maximum(bx[i, 2:], bj[:, 2:]) - np.minimum(bx[i, :2], bj[:, :2]) + 1
+            s += wf * (1.0 - (wh[:, 0] * wh[:, 1] - both) / image_size)
+        return s / norm
 
     neighbours: list[set[int]] = [set() for _ in range(total)]
     heap: list[tuple[float, int, int]] = []
     if edges.shape[0]:
-        a, b = edges[:, 0], edges[:, 1]
-        s0 = np.empty(edges.shape[0])
-        for i in np.unique(a):  # vectorised per source region
-            sel = a == i
-            s0[sel] = sim(int(i), b[sel])
+        s0 = sim(edges[:, 0], edges[:, 1])  # every adjacent pair of base regions at once
         for (i, j), s in zip(edges.tolist(), s0.tolist()):
             neighbours[i].add(j)
             neighbours[j].add(i)
             heap.append((-s, i, j))
         heapq.heapify(heap)
-    alive = np.zeros(total, bool)
-    alive[:num] = True
+    alive = [True] * num + [False] * (total - num)  # a list: read once per heap entry
     cut_groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     nxt = num
     cuts = set(_GROUP_CUTS)
+    pop, push = heapq.heappop, heapq.heappush
     while heap:
-        negs, i, j = heapq.heappop(heap)
+        negs, i, j = pop(heap)
         if not (alive[i] and alive[j]):
             continue
         s, t = -negs, nxt
@@ -333,11 +337,10 @@ def _merge(colour: np.ndarray, texture: np.ndarray, size: np.ndarray, boxes: np.
         absorbed[i] = absorbed[j] = s
         formed[t] = s
         sz[t] = sz[i] + sz[j]
-        col[t] = (col[i] * sz[i] + col[j] * sz[j]) / sz[t]
-        tex[t] = (tex[i] * sz[i] + tex[j] * sz[j]) / sz[t]
+        hist[t] = (hist[i] * sz[i] + hist[j] * sz[j]) / sz[t]
         bx[t, :2] = np.minimum(bx[i, :2], bx[j, :2])
         bx[t, 2:] = np.maximum(bx[i, 2:], bx[j, 2:])
-        members[t] = members[i] | members[j]
+        np.logical_or(members[i], members[j], out=members[t])
         alive[i] = alive[j] = False
         alive[t] = True
         nb = (neighbours[i] | neighbours[j]) - {i, j}
@@ -348,8 +351,9 @@ def _merge(colour: np.ndarray, texture: np.ndarray, size: np.ndarray, boxes: np.
             neighbours[n].add(t)
         if nb:
             js = np.fromiter(nb, np.int64, len(nb))
-            for n, sv in zip(js.tolist(), sim(t, js).tolist()):
-                heapq.heappush(heap, (-sv, min(t, n), max(t, n)))
+            # t is the newest region, so every pair is (n, t) with n < t
+            for n, negsv in zip(js.tolist(), (-sim(t, js)).tolist()):
+                push(heap, (negsv, n, t))
         num_alive = num - (nxt - num)
         if num_alive in cuts:
             cut_groups.append(_cut_groups(np.flatnonzero(alive[:nxt]), neighbours, members, sz,
