@@ -124,7 +124,7 @@ def forward_maps(net: model_mod.CoSegNet, x: torch.Tensor, shape: tuple[int, int
     h, w = shape
     # channels-last input: oneDNN's NHWC kernels run this single-image 640 px forward pass
     # ~20 % faster on CPU than NCHW (1.66 → 1.31 s, 2 threads; the same weights, outputs equal
-    # to ~1e-6 relative); training keeps NCHW, where NHWC was 2× slower (BENCHMARKS.md)
+    # to ~1e-6 relative); fine-tuning runs channels-last too (train.TRAIN_MEMORY_FORMAT)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         if cosal_stride == 16:

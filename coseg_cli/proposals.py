@@ -274,7 +274,7 @@ def _merge(colour: np.ndarray, texture: np.ndarray, size: np.ndarray, boxes: np.
            ) -> _Hierarchy:
     """Greedy selective-search merging; records every region, its stability and cut groupings.
 
-    One piece: the merge loop (the hot path of proposal generation) updates nine per-region
+    One piece: the merge loop (the hot path of proposal generation) updates eight per-region
     tables (histograms, size, box, members, formed/absorbed similarity, alive, neighbours),
     several of which `sim` reads through its closure; split up, every part would pass them all.
     Colour and texture histograms share one table so that a merge averages, and `sim` compares,

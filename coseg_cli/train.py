@@ -35,10 +35,11 @@ TRAIN_FIELDS = ("image_size", "epochs", "batch_images", "lr", "head_lr", "weight
                 "freeze_until", "seed")
 # 2: fine-tuning runs channels-last (same losses, other float rounding than format 1's NCHW).
 CACHE_FORMAT = 2
-# NHWC activations and weights during fine-tuning: oneDNN's channels-last convolutions ran a
-# training step 11 % faster at the `fast` preset (320 px, conv1–3 frozen: 0.478 → 0.427 s a
-# photo) and 16 % at the paper preset (448 px, all layers: 2.43 → 2.03 s), batch 6, 2 threads,
-# torch 2.14.1 (/work/lab/cl_train2.py; BENCHMARKS.md "Session 11"); losses equal to ~1e-6.
+# NHWC activations and weights during fine-tuning: oneDNN's channels-last convolutions train
+# the `fast` preset (320 px, conv1–3 frozen) at 0.43–0.44 s a photo per epoch instead of
+# 0.47–0.48, the paper preset (448 px, all layers) at 2.09–2.14 s instead of 2.52–2.60 (batch 6,
+# 2 threads, torch 2.14.1; `benchmarks/train_speed.py`, BENCHMARKS.md "Session 11"); the losses
+# agree to ~1e-6, only the float rounding differs.
 TRAIN_MEMORY_FORMAT = torch.channels_last
 
 
