@@ -139,8 +139,7 @@ def frozen_prefix(model: CoSegNet, x_all: torch.Tensor, chunk: int, device: torc
     parts: list[torch.Tensor] = []
     with torch.no_grad():
         for s in range(0, len(x_all), chunk):
-            x = x_all[s:s + chunk].to(device).contiguous(memory_format=TRAIN_MEMORY_FORMAT)
-            parts.append(prefix(x))
+            parts.append(prefix(x_all[s:s + chunk].to(device)))
             if s == 0 and parts[0][0].nbytes * len(x_all) > max_bytes:
                 return None  # known from the first chunk, before the rest is computed
     return start, torch.cat(parts)
@@ -157,7 +156,7 @@ def _step(model: CoSegNet, opt: torch.optim.Optimizer, x: torch.Tensor, pri: tor
     Raises:
         TrainingError: a NaN/inf loss, naming the epoch and the step (`step` is 1-based).
     """
-    feats, logits = model(x.contiguous(memory_format=TRAIN_MEMORY_FORMAT), start)
+    feats, logits = model(x, start)
     loss, parts = total_loss(feats, logits, pri, lambda_copeak=cfg.lambda_copeak,
                              lambda_affinity=cfg.lambda_affinity, alpha=cfg.affinity_alpha)
     value = float(loss.detach())
@@ -202,8 +201,9 @@ def finetune(
         raise TrainingError(f"{len(images)} images but {len(priors)} priors")
     dev = torch.device(device)
     size = cfg.image_size
-    # Preprocess once; batches are sliced from these.
-    x_all = preprocess(images, size)
+    # Preprocess once, in the training layout; batches are sliced from these (slicing, indexing
+    # and the frozen prefix's convolutions keep the layout, so no step converts again).
+    x_all = preprocess(images, size).contiguous(memory_format=TRAIN_MEMORY_FORMAT)
     p_all = torch.stack([resize_prior(p, size) for p in priors])[:, None]
     gen = torch.Generator().manual_seed(cfg.seed)
     # the weights go back to the standard layout on the way out, even when training fails, so
